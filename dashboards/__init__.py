@@ -1,0 +1,1 @@
+"""Self-contained plotly HTML dashboards built from run dirs and result tables."""

@@ -1,0 +1,1 @@
+"""LongCat-Flash in plain PyTorch (single device; parallelism is applied from outside)."""

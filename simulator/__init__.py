@@ -1,0 +1,1 @@
+"""Discrete-event simulator of GPU clusters (SimPy engine, networkx topologies)."""
