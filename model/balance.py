@@ -1,0 +1,333 @@
+"""Zero-computation budget control for the LongCat-Flash router.
+
+Three pieces, all pure tensor code (no model imports), used by `model/train.py`:
+
+1. `BiasController`: steers a router's `e_score_correction_bias` so that tokens use, on
+   average, K_e FFN experts out of the K chosen, spread evenly over the N FFN experts.
+2. `device_balance_loss`: LongCat's device-level load-balance loss (FFN experts in D groups,
+   one per EP device, plus one group of all zero experts).
+3. `routing_stats` / `step_routing_stats`: what the routing did in one step (FFN experts
+   per token, zero-expert share, load imbalance per expert and per device, activated
+   parameters per token).
+
+Legend: T = tokens, K = top-k (FFN + zero experts chosen per token), N = FFN experts,
+Z = zero (identity) experts, E = N + Z, D = EP devices (groups of FFN experts), L = layers.
+
+The bias only changes WHICH experts are chosen (top-k on scores + bias); the gate value
+of a chosen expert is its plain softmax score. So nothing here changes the model's
+output except through selection.
+
+Reference: LongCat-Flash Technical Report (arXiv 2509.01322), sections "Computational
+budget control" and "Load balance control"; summarised in
+/work/shared/reference/longcat-flash.md ("Training-time balancing"). The report gives the
+per-expert update
+    Δb_i = μ · ( K_e/K · 1/N − T_i/(K · T_all) )          (i < N; zero-expert b never moves)
+and says the bias is "adjusted by a PID controller". The report does not print the PID
+equations; the form below is ours and reduces to the printed update when ki = kd = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal
+
+import torch
+
+from model.config import ConfigError
+
+ControllerKind = Literal["pid", "p", "off"]
+
+
+# ------------------------------------------------------------------ the budget error
+def budget_error(
+    ffn_counts_N: torch.Tensor, n_tokens: int, top_k: int, target_ffn_experts: float
+) -> torch.Tensor:
+    """Per-FFN-expert error e_i = K_e/K · 1/N − T_i/(K · T_all)   (float64, shape [N]).
+
+    ffn_counts_N: T_i, how many of the n_tokens (T_all) chose FFN expert i this step.
+    Σ_i e_i = (K_e − mean FFN experts per token)/K: the common mode of e is the budget
+    error, the differences between experts are the imbalance. All e_i = 0 exactly when
+    every FFN expert receives K_e/N of the tokens.
+    """
+    n_ffn = ffn_counts_N.numel()
+    counts = ffn_counts_N.to(torch.float64)
+    return target_ffn_experts / (top_k * n_ffn) - counts / (top_k * n_tokens)
+
+
+# ------------------------------------------------------------------ the PID controller
+@dataclass(frozen=True)
+class PidGains:
+    """Gains in relative units (see `BiasController`); kp alone = aux-loss-free update."""
+
+    kp: float
+    ki: float = 0.0
+    kd: float = 0.0
+    integral_limit: float = 50.0  # anti-windup: |Σ ε| is clamped to this (relative units)
+
+
+# Tuned on the `tiny` and `small` presets from a skewed start (see tests/model/test_balance.py
+# and the README's measured figures). In relative units, so the same gains serve every preset.
+DEFAULT_GAINS: dict[str, PidGains] = {
+    "p": PidGains(kp=0.10),
+    "pid": PidGains(kp=0.10, ki=0.01, kd=0.10),
+}
+
+
+class BiasController:
+    """PID on the budget error, acting on the FFN-expert part of one router's bias.
+
+    Units. e_i (above) scales like 1/(K·N) and the bias acts on softmax scores that scale
+    like 1/E, so the controller works on the relative error
+        ε_i = e_i · K · N / K_e = 1 − T_i / (K_e · T_all / N)      (1 − load / target load)
+    and moves the bias in units of the uniform score 1/E. Per step t and FFN expert i:
+        I_i(t)  = clamp(I_i(t−1) + ε_i(t), ±integral_limit)
+        Δb_i(t) = (1/E) · [ kp · ε_i(t) + ki · I_i(t) + kd · (ε_i(t) − ε_i(t−1)) ]
+    With ki = kd = 0 this is exactly the report's update Δb_i = μ · e_i with
+    μ = kp · K · N / (K_e · E). Zero-expert biases (indices N..E−1) are never touched.
+
+    Why the extra terms: b is the running sum of Δb, so the P term already integrates the
+    error (a type-1 loop: no steady error against a constant offset). The router's own
+    weights drift as it trains, a ramp disturbance that a type-1 loop follows with a lag
+    of drift/(gain); the I term (a second integration) removes that lag. In terms of b the
+    D term is a proportional term, b ⊃ kd·ε/E: it reacts at once and damps the overshoot
+    the I term brings.
+    """
+
+    def __init__(
+        self,
+        n_ffn: int,
+        n_zero: int,
+        top_k: int,
+        target_ffn_experts: float,
+        gains: PidGains,
+    ) -> None:
+        check_target(target_ffn_experts, top_k, n_ffn)
+        self.n_ffn, self.n_zero, self.top_k = n_ffn, n_zero, top_k
+        self.target_ffn_experts = float(target_ffn_experts)
+        self.gains = gains
+        self.integral_N = torch.zeros(n_ffn, dtype=torch.float64)
+        self.prev_error_N: torch.Tensor | None = None
+
+    def relative_error(self, ffn_counts_N: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """ε_i = e_i · K · N / K_e (float64, [N]); 1 = expert i got no tokens."""
+        e_N = budget_error(ffn_counts_N, n_tokens, self.top_k, self.target_ffn_experts)
+        return e_N * (self.top_k * self.n_ffn / self.target_ffn_experts)
+
+    @torch.no_grad()
+    def step(self, bias_E: torch.Tensor, ffn_counts_N: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """Update bias_E[:N] in place from one step's FFN-expert token counts; returns Δb [N]."""
+        if bias_E.numel() != self.n_ffn + self.n_zero:
+            raise ConfigError(
+                f"e_score_correction_bias: expected {self.n_ffn + self.n_zero} entries "
+                f"(N {self.n_ffn} + Z {self.n_zero}), got {bias_E.numel()}"
+            )
+        eps_N = self.relative_error(ffn_counts_N.cpu(), n_tokens)
+        g = self.gains
+        lim = g.integral_limit
+        self.integral_N = (self.integral_N + eps_N).clamp(-lim, lim)
+        d_eps_N = eps_N - self.prev_error_N if self.prev_error_N is not None else torch.zeros_like(eps_N)
+        self.prev_error_N = eps_N
+        delta_N = (g.kp * eps_N + g.ki * self.integral_N + g.kd * d_eps_N) / (self.n_ffn + self.n_zero)
+        bias_E[: self.n_ffn] += delta_N.to(bias_E.dtype).to(bias_E.device)
+        return delta_N
+
+    def state_dict(self) -> dict:
+        return {
+            "gains": asdict(self.gains),
+            "target_ffn_experts": self.target_ffn_experts,
+            "integral_N": self.integral_N.clone(),
+            "prev_error_N": None if self.prev_error_N is None else self.prev_error_N.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gains = PidGains(**state["gains"])
+        self.target_ffn_experts = float(state["target_ffn_experts"])
+        self.integral_N = state["integral_N"].clone()
+        prev = state["prev_error_N"]
+        self.prev_error_N = None if prev is None else prev.clone()
+
+
+def check_target(target_ffn_experts: float, top_k: int, n_ffn: int) -> None:
+    """K_e must lie in (0, min(K, N)]: a token cannot use more FFN experts than it picks."""
+    upper = min(top_k, n_ffn)
+    if not (isinstance(target_ffn_experts, (int, float)) and 0 < target_ffn_experts <= upper):
+        raise ConfigError(
+            f"target_ffn_experts: must lie in (0, {upper}] (top-k {top_k}, {n_ffn} FFN experts), "
+            f"got {target_ffn_experts!r}"
+        )
+
+
+def make_controller(
+    kind: ControllerKind, n_ffn: int, n_zero: int, top_k: int, target_ffn_experts: float,
+    gains: PidGains | None = None,
+) -> BiasController | None:
+    """The controller for `kind` ("pid", "p" or "off" → None), default gains unless given."""
+    check_target(target_ffn_experts, top_k, n_ffn)
+    if kind == "off":
+        return None
+    if kind not in DEFAULT_GAINS:
+        raise ConfigError(f"controller: expected one of pid, p, off; got {kind!r}")
+    return BiasController(n_ffn, n_zero, top_k, target_ffn_experts, gains or DEFAULT_GAINS[kind])
+
+
+# ------------------------------------------------------------------ device-level balance loss
+def device_groups(n_ffn: int, n_devices: int) -> torch.Tensor:
+    """Group id of each FFN expert (int64 [N]): contiguous blocks of N/D, as EP places them."""
+    if n_devices <= 0 or n_ffn % n_devices:
+        raise ConfigError(f"ep_devices: must divide the {n_ffn} FFN experts, got {n_devices}")
+    return torch.arange(n_ffn) // (n_ffn // n_devices)
+
+
+def device_balance_loss(
+    scores_TE: torch.Tensor,
+    ids_TK: torch.Tensor,
+    n_ffn: int,
+    n_devices: int,
+    target_ffn_experts: float,
+    coef: float,
+) -> torch.Tensor:
+    """LongCat's device-level load-balance loss (differentiable in scores_TE), a scalar.
+
+    scores_TE: router softmax probabilities over all E = N + Z experts (before the bias);
+    ids_TK:    the chosen experts (ids ≥ N are zero experts).
+    Groups j = 1..D hold N/D FFN experts each, group D+1 holds the Z zero experts. With
+        P_j = (1/T) Σ_t Σ_{i∈G_j} s_{t,i}                        mean routing mass of group j
+        F_j = D/(K_e·T)     · #slots routed into G_j   (j ≤ D)    load relative to its target
+        F_{D+1} = 1/((K−K_e)·T) · #slots routed to zero experts
+        L = coef · Σ_j F_j · P_j
+    F_j is 1 when group j receives exactly its budgeted share, so the gradient pushes
+    routing mass away from groups above their share. (The report's formula, second-hand:
+    see the module docstring; the F normalisation follows DeepSeek-V3's device-level loss.)
+    The zero-expert group is dropped when K_e = K (it then has no budget).
+    """
+    n_tokens, n_experts = scores_TE.shape
+    top_k = ids_TK.shape[1]
+    group_E = torch.cat([
+        device_groups(n_ffn, n_devices),
+        torch.full((n_experts - n_ffn,), n_devices, dtype=torch.int64),
+    ]).to(scores_TE.device)
+    n_groups = n_devices + 1
+    mass_G = torch.zeros(n_groups, dtype=scores_TE.dtype, device=scores_TE.device)
+    mass_G = mass_G.index_add(0, group_E, scores_TE.sum(0)) / n_tokens  # P_j
+    with torch.no_grad():
+        slots_G = torch.bincount(group_E[ids_TK.reshape(-1)], minlength=n_groups).to(scores_TE.dtype)
+        budget_G = torch.full((n_groups,), target_ffn_experts / n_devices, dtype=scores_TE.dtype)
+        budget_G[-1] = top_k - target_ffn_experts
+        budget_G = budget_G.to(scores_TE.device)
+        load_G = torch.where(budget_G > 0, slots_G / (budget_G * n_tokens), torch.zeros_like(slots_G))
+    return coef * (load_G * mass_G).sum()
+
+
+# ------------------------------------------------------------------ routing statistics
+@dataclass
+class LayerRouting:
+    """What one MoE layer's router chose in one step."""
+
+    ffn_per_token_T: torch.Tensor  # int64 [T]: FFN experts each token used (0..K)
+    ffn_counts_N: torch.Tensor  # int64 [N]: tokens routed to each FFN expert
+    zero_slots: int  # slots routed to zero experts
+    n_tokens: int
+    top_k: int
+
+
+def layer_routing(ids_TK: torch.Tensor, n_ffn: int) -> LayerRouting:
+    """Summarise one router's choice ids_TK (int64 [T, K]; ids ≥ n_ffn are zero experts)."""
+    ids = ids_TK.detach().cpu()
+    is_ffn_TK = ids < n_ffn
+    ffn_counts_N = torch.bincount(ids[is_ffn_TK], minlength=n_ffn)
+    return LayerRouting(
+        ffn_per_token_T=is_ffn_TK.sum(1),
+        ffn_counts_N=ffn_counts_N,
+        zero_slots=int((~is_ffn_TK).sum()),
+        n_tokens=ids.shape[0],
+        top_k=ids.shape[1],
+    )
+
+
+def _max_over_mean(loads: torch.Tensor) -> float:
+    mean = float(loads.double().mean())
+    return float(loads.max()) / mean if mean > 0 else math.inf
+
+
+def _cv(loads: torch.Tensor) -> float:
+    mean = float(loads.double().mean())
+    return float(loads.double().std(unbiased=False)) / mean if mean > 0 else math.inf
+
+
+def routing_stats(layer: LayerRouting, n_devices: int) -> dict[str, float]:
+    """One layer's statistics: FFN experts per token (mean, std), zero share, expert and
+    device load (max/mean, coefficient of variation). Device loads count FFN experts only:
+    zero experts are replicated on every device and cost neither FLOPs nor traffic."""
+    counts = layer.ffn_counts_N
+    device_N = torch.zeros(n_devices, dtype=torch.int64).index_add(
+        0, device_groups(counts.numel(), n_devices), counts
+    )
+    per_token = layer.ffn_per_token_T.double()
+    return {
+        "ffn_experts_per_token": float(per_token.mean()),
+        "ffn_experts_std": float(per_token.std(unbiased=False)),
+        "zero_share": layer.zero_slots / (layer.n_tokens * layer.top_k),
+        "load_max_over_mean": _max_over_mean(counts),
+        "load_cv": _cv(counts),
+        "device_load_max_over_mean": _max_over_mean(device_N),
+        "device_load_cv": _cv(device_N),
+    }
+
+
+def step_routing_stats(
+    layers: list[LayerRouting],
+    n_devices: int,
+    activated_params: Callable[[float], float] | None = None,
+) -> dict[str, float]:
+    """Statistics of one step over all MoE layers.
+
+    FFN experts per token and zero share are means over (layer, token); the std is over
+    (layer, token) pairs, as a per-layer count is what one MoE block computes. Load
+    imbalance is the worst layer's (max over layers), since the slowest layer sets the
+    straggler; CVs are means over layers.
+    `activated_params(k)`: parameters a token activates when it uses k FFN experts in every
+    layer (affine in k). A token's real count, with k_l experts in layer l, is then
+    activated_params(mean_l k_l): its mean/min/max over tokens are reported.
+    """
+    per_layer = [routing_stats(layer, n_devices) for layer in layers]
+    counts_LT = torch.stack([layer.ffn_per_token_T for layer in layers]).double()
+    slots = sum(layer.n_tokens * layer.top_k for layer in layers)
+    out = {
+        "ffn_experts_per_token": float(counts_LT.mean()),
+        "ffn_experts_std": float(counts_LT.std(unbiased=False)),
+        "zero_share": sum(layer.zero_slots for layer in layers) / slots,
+        "load_max_over_mean": max(s["load_max_over_mean"] for s in per_layer),
+        "load_cv": sum(s["load_cv"] for s in per_layer) / len(per_layer),
+        "device_load_max_over_mean": max(s["device_load_max_over_mean"] for s in per_layer),
+        "device_load_cv": sum(s["device_load_cv"] for s in per_layer) / len(per_layer),
+    }
+    if activated_params is not None:
+        a0, a1 = float(activated_params(0)), float(activated_params(1))
+        per_token_T = a0 + (a1 - a0) * counts_LT.mean(0)
+        out["activated_params_mean"] = float(per_token_T.mean())
+        out["activated_params_min"] = float(per_token_T.min())
+        out["activated_params_max"] = float(per_token_T.max())
+    return out
+
+
+# ------------------------------------------------------------------ control-quality figures
+def settle_step(values: list[float], target: float, tol: float = 0.05) -> int | None:
+    """First step index from which every value stays within ±tol·target; None if never."""
+    inside = [abs(v - target) <= tol * abs(target) for v in values]
+    if not inside or not inside[-1]:
+        return None
+    i = len(inside)
+    while i > 0 and inside[i - 1]:
+        i -= 1
+    return i
+
+
+def overshoot_pct(values: list[float], target: float) -> float:
+    """Largest excursion past the target on the far side from the start, in % of target
+    (0 when the series never crosses the target)."""
+    if not values:
+        return 0.0
+    sign = 1.0 if values[0] < target else -1.0
+    beyond = [sign * (v - target) for v in values]
+    return max(0.0, max(beyond)) / abs(target) * 100.0
