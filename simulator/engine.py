@@ -1,0 +1,545 @@
+"""The SimPy engine: replays an op graph (the normalized trace) on a Cluster.
+
+    simulate(ops, cluster, ...) -> ops with simulated start_us / dur_us
+
+Model (../shared/DESIGN.md, "Simulator model"):
+- one SimPy process per lane (rank, lane); a lane runs its ops in `start_us` order (ties by
+  id); an op starts when its lane predecessor has finished and every op in `deps` is done,
+  plus `gap_us` (host time the trace shows but does not explain, used by replay);
+- non-comm ops take their compute duration (`compute_time(ops, cluster)`; default: the trace
+  duration when > 0, else a roofline from flops/bytes);
+- comm ops with a collective rendezvous by (group, seq): the collective starts when every rank
+  of the group has reached it, runs its phases over the network (simulator/collectives.py,
+  simulator/network.py) and ends on every rank at once. With `comm_from_trace` the transfer
+  takes the shortest traced duration of its ops instead (the last rank to arrive waits least,
+  so that is the pure transfer time). Comm ops without a collective keep their duration.
+- interference: on GPU clusters, while a comm op is in flight on a rank, compute ops of that
+  rank whose duration came from a model (not measured) run at 1 - comm_compute_share speed;
+  on CPU clusters, compute ops and in-flight transfers (one thread per rank) share `cores`
+  (processor sharing: each gets min(1, cores / jobs)); measured durations already include
+  the contention they ran under, so they are not slowed again, but they do occupy cores.
+- a collective some rank never reaches, a lock-step ordering deadlock, a dependency cycle,
+  an unreachable GPU pair or a rank the cluster lacks → SimulationError naming it.
+Deterministic: no randomness, ordered containers only (`seed` is recorded for callers).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import simpy
+
+from simulator.cluster import Cluster
+from simulator.collectives import Phase, plan_collective
+from simulator.errors import SimulationError
+from simulator.network import FluidNetwork
+from simulator.routing import Router
+
+ComputeTimeFn = Callable[[pa.Table, Cluster], np.ndarray]
+FlowModel = Literal["auto", "exact", "aggregate"]
+
+# roofline efficiency used when an op has no measured duration: achieved / peak
+DEFAULT_EFFICIENCY = 0.6
+# auto flow model: per-pair flows for phases this small, one aggregated flow beyond
+EXACT_MAX_PAIRS = 64
+EXACT_MAX_STEPS = 16
+
+
+def roofline_time_us(ops: pa.Table, cluster: Cluster, efficiency: float = DEFAULT_EFFICIENCY) -> np.ndarray:
+    """Default compute duration per op (µs): the traced dur_us when > 0, else
+    max(flops / bf16 peak, bytes / memory bandwidth) / efficiency."""
+    dur = ops.column("dur_us").to_numpy().astype(np.float64)
+    flops = ops.column("flops").to_numpy().astype(np.float64)
+    nbytes = ops.column("bytes").to_numpy().astype(np.float64)
+    spec = cluster.gpu
+    model = np.maximum(flops / spec.bf16_flops, nbytes / spec.hbm_bytes_per_s) * 1e6 / efficiency
+    return np.where(dur > 0, dur, model)
+
+
+@dataclass
+class SimStats:
+    ops: int = 0
+    lanes: int = 0
+    collectives: int = 0
+    network_recomputes: int = 0
+    makespan_us: float = 0.0
+    wall_s: float = 0.0
+    notes: dict = field(default_factory=dict)
+
+
+class _Rdv:
+    """One collective instance: the ops of every rank that must meet."""
+
+    __slots__ = ("key", "members", "expected", "arrived", "event")
+
+    def __init__(self, key: tuple, expected: int, event: simpy.Event):
+        self.key = key
+        self.members: list[int] = []  # op positions, in arrival order
+        self.expected = expected
+        self.arrived = 0
+        self.event = event
+
+
+class _CpuPool:
+    """Processor sharing of `cores` among compute ops and in-flight transfers (CPU clusters)."""
+
+    def __init__(self, cores: int):
+        self.cores = cores
+        self.jobs = 0
+        self.factor = 1.0
+
+
+class Simulation:
+    """Build once from an ops table and a cluster, then `run()`."""
+
+    def __init__(
+        self,
+        ops: pa.Table,
+        cluster: Cluster,
+        *,
+        comm_from_trace: bool = False,
+        seed: int = 0,
+        compute_time: ComputeTimeFn | None = None,
+        flow_model: FlowModel = "auto",
+        gap_us: np.ndarray | None = None,
+        interference: bool = True,
+    ):
+        self.ops = ops
+        self.cluster = cluster
+        self.comm_from_trace = comm_from_trace
+        self.seed = seed
+        self.flow_model = flow_model
+        self.stats = SimStats()
+        n = ops.num_rows
+        self.n = n
+        rank = ops.column("rank").to_numpy().astype(np.int64)
+        if n and rank.max() >= cluster.num_gpus:
+            raise SimulationError(
+                f"trace has rank {int(rank.max())} but cluster {cluster.name} has {cluster.num_gpus} GPUs"
+            )
+        lane_codes = pc.dictionary_encode(ops.column("lane")).combine_chunks().indices.to_numpy()
+        start = ops.column("start_us").to_numpy().astype(np.float64)
+        ids = ops.column("id").to_numpy()
+        order = np.lexsort((ids, start, lane_codes, rank)) if n else np.zeros(0, np.int64)
+        self.order = order
+        self.ids = ids[order].tolist()
+        self.rank = rank[order]
+        kind = np.asarray(ops.column("kind").to_numpy(zero_copy_only=False))[order]
+        self.names = ops.column("name")
+        # lanes = runs of equal (rank, lane)
+        lane_key = rank[order] * (int(lane_codes.max()) + 1 if n else 1) + lane_codes[order]
+        cuts = np.flatnonzero(np.diff(lane_key)) + 1 if n else np.zeros(0, np.int64)
+        self.lane_bounds = list(zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [n]]).tolist())) if n else []
+        # durations
+        fn = compute_time or roofline_time_us
+        dur_all = np.asarray(fn(ops, cluster), dtype=np.float64)
+        if dur_all.shape != (n,) or not np.all(np.isfinite(dur_all)) or (dur_all < 0).any():
+            raise SimulationError("compute_time returned durations that are not finite, non-negative, one per op")
+        self.dur = dur_all[order].tolist()
+        measured = ops.column("dur_us").to_numpy()[order] > 0
+        self.gap = None
+        if gap_us is not None:
+            g = np.asarray(gap_us, dtype=np.float64)[order]
+            self.gap = g.tolist() if (g > 0).any() else None
+        # interference
+        is_comm = kind == "comm"
+        self.share = cluster.comm_compute_share if interference else 0.0
+        self.cpu = _CpuPool(cluster.cores) if (interference and cluster.kind == "cpu" and cluster.cores > 0) else None
+        slowable = (~measured) & np.isin(kind, ["compute", "memory"])
+        self.slowable = slowable.tolist()
+        self.uses_core = ((~is_comm) & (dur_all[order] > 0)).tolist()
+        self.sharing = self.share > 0 or self.cpu is not None
+        # deps → positions
+        self.deps = self._deps(ops, order, ids)
+        # collectives
+        self.router = Router(cluster)
+        self._host_of = self._hosts()
+        self.ckey, self.rdv = self._collectives(ops, order, kind)
+        self.coll_bytes = ops.column("coll_bytes").to_numpy()[order]
+        self.has_splits = pc.list_value_length(ops.column("splits")).to_numpy(zero_copy_only=False)[order] > 0
+        self._agg_cache: dict[tuple, list[tuple[list, float]]] = {}
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def _deps(self, ops: pa.Table, order: np.ndarray, ids: np.ndarray) -> list:
+        n = self.n
+        deps_col = ops.column("deps").combine_chunks()
+        offsets = deps_col.offsets.to_numpy()
+        flat = deps_col.values.to_numpy()
+        counts = np.diff(offsets)
+        out: list = [None] * n
+        if not len(flat):
+            return out
+        sorted_ids = np.argsort(ids, kind="stable")
+        where = np.searchsorted(ids[sorted_ids], flat)
+        where = np.minimum(where, n - 1)
+        found = ids[sorted_ids][where] == flat
+        if not found.all():
+            k = int(np.flatnonzero(~found)[0])
+            owner = int(np.searchsorted(offsets, k, side="right") - 1)
+            raise SimulationError(f"op id {int(ids[owner])} depends on unknown op id {int(flat[k])}")
+        inv = np.empty(n, dtype=np.int64)
+        inv[order] = np.arange(n)
+        dep_pos = inv[sorted_ids[where]]
+        has = np.flatnonzero(counts)
+        split = np.split(dep_pos, offsets[1:-1])
+        for i in has.tolist():
+            out[int(inv[i])] = split[i].tolist()
+        return out
+
+    def _hosts(self) -> np.ndarray | None:
+        g = self.cluster.graph
+        hosts = [g.nodes[f"gpu{r}"].get("host") for r in range(self.cluster.num_gpus)]
+        return None if any(h is None for h in hosts) else np.array(hosts, dtype=np.int64)
+
+    def _collectives(self, ops: pa.Table, order: np.ndarray, kind: np.ndarray):
+        n = self.n
+        coll = np.asarray(ops.column("coll").to_numpy(zero_copy_only=False))[order]
+        group = np.asarray(ops.column("group").to_numpy(zero_copy_only=False))[order]
+        seq = ops.column("seq").to_numpy()[order].copy()
+        ckey: list = [None] * n
+        rdv: dict[tuple, _Rdv] = {}
+        comm_pos = np.flatnonzero((kind == "comm") & (coll != ""))
+        self._coll = coll
+        self._groups: dict[str, tuple[int, ...]] = {}
+        counters: dict[tuple, int] = {}
+        reached: dict[tuple, list[int]] = {}
+        for i in comm_pos.tolist():
+            gs = group[i]
+            ranks = self._groups.get(gs)
+            if ranks is None:
+                try:
+                    ranks = tuple(sorted(int(x) for x in gs.split(",")))
+                except ValueError:
+                    raise SimulationError(f"op id {self.ids[i]}: group {gs!r} is not a comma-separated rank list") from None
+                if len(set(ranks)) != len(ranks) or (ranks and ranks[-1] >= self.cluster.num_gpus):
+                    raise SimulationError(f"op id {self.ids[i]}: group {gs!r} repeats a rank or exceeds the cluster")
+                self._groups[gs] = ranks
+            r = int(self.rank[i])
+            if r not in ranks:
+                raise SimulationError(f"op id {self.ids[i]}: rank {r} runs a {coll[i]} on group {gs} it is not in")
+            c = coll[i]
+            s = int(seq[i])
+            if s < 0:  # no sequence number: match by order per (rank, group, collective)
+                ck = (r, ranks, c)
+                s = counters.get(ck, 0)
+                counters[ck] = s + 1
+            key = (ranks, s, "p2p" if c in ("send", "recv") else c)
+            ckey[i] = key
+            reached.setdefault(key, []).append(r)
+        for key, got in reached.items():
+            ranks = key[0]
+            missing = sorted(set(ranks) - set(got))
+            dup = len(got) != len(set(got))
+            if missing or dup:
+                what = f"never reached by rank(s) {','.join(map(str, missing))}" if missing else "reached twice by one rank"
+                raise SimulationError(
+                    f"deadlock: collective {key[2]} on group {','.join(map(str, ranks))} seq {key[1]} is {what}"
+                )
+            rdv[key] = None  # type: ignore[assignment]
+        return ckey, rdv
+
+    # --- run -----------------------------------------------------------------------------------
+
+    def run(self) -> pa.Table:
+        """Simulate; return the ops table (input order) with simulated start_us and dur_us."""
+        t0 = time.perf_counter()
+        env = simpy.Environment()
+        self.env = env
+        self.net = FluidNetwork(env, self.router.cap_bytes_per_us)
+        for key in self.rdv:
+            self.rdv[key] = _Rdv(key, len(key[0]), env.event())
+        n = self.n
+        self.start = [-1.0] * n
+        self.end = [-1.0] * n
+        self.done_ev: list = [None] * n
+        self.comm_active: dict[int, int] = {}
+        self.running: dict[int, dict] = {}  # rank (GPU) or -1 (CPU pool) → {process: None}
+        for lo, hi in self.lane_bounds:
+            env.process(self._lane(lo, hi, int(self.rank[lo])))
+        env.run()
+        if n and min(self.end) < 0:
+            self._diagnose()
+        self.stats.ops = n
+        self.stats.lanes = len(self.lane_bounds)
+        self.stats.collectives = len(self.rdv)
+        self.stats.network_recomputes = self.net.recomputes
+        self.stats.makespan_us = max(self.end) if n else 0.0
+        self.stats.wall_s = time.perf_counter() - t0
+        start = np.empty(n)
+        end = np.empty(n)
+        start[self.order] = self.start
+        end[self.order] = self.end
+        table = self.ops.set_column(self.ops.schema.get_field_index("start_us"), "start_us", pa.array(start))
+        return table.set_column(table.schema.get_field_index("dur_us"), "dur_us", pa.array(end - start))
+
+    def _lane(self, lo: int, hi: int, rank: int):
+        env = self.env
+        timeout = env.timeout
+        deps, dur, gap, ckey = self.deps, self.dur, self.gap, self.ckey
+        start, end, done_ev = self.start, self.end, self.done_ev
+        sharing = self.sharing
+        for i in range(lo, hi):
+            dl = deps[i]
+            if dl is not None:
+                for j in dl:
+                    if end[j] < 0:
+                        ev = done_ev[j]
+                        if ev is None:
+                            ev = done_ev[j] = env.event()
+                        yield ev
+            if gap is not None and gap[i] > 0:
+                yield timeout(gap[i])
+            start[i] = env.now
+            key = ckey[i]
+            if key is None:
+                t = dur[i]
+                if sharing and t > 0:
+                    yield from self._compute(i, t, rank)
+                elif t > 0:
+                    yield timeout(t)
+            else:
+                yield from self._comm(i, key, rank)
+            end[i] = env.now
+            ev = done_ev[i]
+            if ev is not None:
+                ev.succeed()
+
+    # --- interference ------------------------------------------------------------------------
+
+    def _speed(self, rank: int) -> float:
+        if self.cpu is not None:
+            return self.cpu.factor
+        return 1.0 - self.share if self.comm_active.get(rank, 0) else 1.0
+
+    def _interrupt(self, pool: int) -> None:
+        for proc in list(self.running.get(pool, ())):
+            proc.interrupt()
+
+    def _cpu_jobs(self, delta: int) -> None:
+        cpu = self.cpu
+        cpu.jobs += delta
+        factor = min(1.0, cpu.cores / cpu.jobs) if cpu.jobs > 0 else 1.0
+        if factor != cpu.factor:
+            cpu.factor = factor
+            self._interrupt(-1)
+            self.net.set_scale(factor)
+
+    def _compute(self, i: int, work_us: float, rank: int):
+        env = self.env
+        cpu = self.cpu
+        if cpu is not None and self.uses_core[i]:
+            self._cpu_jobs(+1)
+        if not self.slowable[i]:
+            yield env.timeout(work_us)
+        else:
+            pool = -1 if cpu is not None else rank
+            running = self.running.setdefault(pool, {})
+            proc = env.active_process
+            running[proc] = None
+            while True:
+                speed = self._speed(rank)
+                t0 = env.now
+                try:
+                    yield env.timeout(work_us / speed)
+                    break
+                except simpy.Interrupt:
+                    work_us = max(work_us - (env.now - t0) * speed, 0.0)
+            del running[proc]
+        if cpu is not None and self.uses_core[i]:
+            self._cpu_jobs(-1)
+
+    def _comm_enter(self, rank: int, delta: int) -> None:
+        if self.share > 0:
+            before = self.comm_active.get(rank, 0)
+            self.comm_active[rank] = before + delta
+            if (before == 0) != (before + delta == 0):
+                self._interrupt(rank)
+
+    def _comm(self, i: int, key: tuple, rank: int):
+        self._comm_enter(rank, +1)
+        rdv = self.rdv[key]
+        rdv.members.append(i)
+        rdv.arrived += 1
+        if rdv.arrived == rdv.expected:
+            self.env.process(self._collective(rdv))
+        yield rdv.event
+        self._comm_enter(rank, -1)
+
+    # --- collectives -------------------------------------------------------------------------
+
+    def _collective(self, rdv: _Rdv):
+        env = self.env
+        members = sorted(rdv.members, key=lambda p: self.rank[p])
+        if self.cpu is not None:
+            self._cpu_jobs(+len(members))
+        if self.comm_from_trace:
+            t = min(self.ops_dur_trace(p) for p in members)
+            if t > 0:
+                yield env.timeout(t)
+        else:
+            for latency_us, flows in self._plan(rdv.key, members):
+                if latency_us > 0:
+                    yield env.timeout(latency_us)
+                if flows:
+                    yield self.net.transfer(flows)
+        if self.cpu is not None:
+            self._cpu_jobs(-len(members))
+        rdv.event.succeed()
+
+    def ops_dur_trace(self, pos: int) -> float:
+        return float(self.dur[pos])
+
+    def _plan(self, key: tuple, members: list[int]) -> list[tuple[float, list]]:
+        """(latency, flows) rounds of a collective, flows as (link ids, bytes per link)."""
+        ranks, _seq, coll = key
+        table = self.ops
+        orig = self.order[members]
+        coll_bytes = self.coll_bytes[members]
+        sender = -1
+        splits = None
+        if coll == "p2p":
+            kinds = [self._coll[p] for p in members]
+            if kinds.count("send") != 1:
+                raise SimulationError(f"send/recv on group {','.join(map(str, ranks))} seq {key[1]}: needs one send and one recv")
+            sender = int(self.rank[members[kinds.index("send")]])
+            coll = "send"
+        elif coll == "all_to_all" and self.has_splits[members].any():
+            sp = table.column("splits")
+            splits = [np.asarray(sp[int(o)].as_py() or [], dtype=np.float64) for o in orig]
+        cache_key = None
+        if splits is None:
+            cache_key = (coll, ranks, coll_bytes.tobytes(), sender)
+            hit = self._agg_cache.get(cache_key)
+            if hit is not None:
+                return hit
+        phases = plan_collective(coll, ranks, coll_bytes, splits, self._host_of, sender)
+        rounds: list[tuple[float, list]] = []
+        for ph in phases:
+            rounds.extend(self._phase_rounds(ph))
+        if cache_key is not None:
+            self._agg_cache[cache_key] = rounds
+        return rounds
+
+    def _phase_rounds(self, ph: Phase) -> list[tuple[float, list]]:
+        router = self.router
+        exact = self.flow_model == "exact" or (
+            self.flow_model == "auto" and len(ph.src) <= EXACT_MAX_PAIRS and ph.steps <= EXACT_MAX_STEPS
+        )
+        if exact:
+            flows = []
+            lat = 0.0
+            for s, d, b in zip(ph.src.tolist(), ph.dst.tolist(), ph.nbytes.tolist()):
+                r = router.pair_route(s, d)
+                lat = max(lat, r.latency_us)
+                if b > 0:
+                    flows.append((r.links, r.frac * (b / ph.steps)))
+            return [(lat, flows)] * ph.steps
+        loads, lat = router.aggregate_loads(ph.src, ph.dst, ph.nbytes)
+        nz = np.flatnonzero(loads > 0)
+        return [(lat * ph.steps, [(nz, loads[nz])] if len(nz) else [])]
+
+    # --- failure reports ---------------------------------------------------------------------
+
+    def _diagnose(self) -> None:
+        """Explain why ops never finished: a dependency cycle or a collective deadlock."""
+        end = self.end
+        blocked_at: dict[int, int] = {}  # lane index → first unfinished op
+        lane_of: dict[int, int] = {}
+        for li, (lo, hi) in enumerate(self.lane_bounds):
+            for i in range(lo, hi):
+                lane_of[i] = li
+            for i in range(lo, hi):
+                if end[i] < 0:
+                    blocked_at[li] = i
+                    break
+        lane_index = np.zeros(self.n, dtype=np.int64)
+        for li, (lo, hi) in enumerate(self.lane_bounds):
+            lane_index[lo:hi] = li
+
+        def waits_for(i: int) -> list[tuple[int, str]]:
+            key = self.ckey[i]
+            if self.start[i] >= 0 and key is not None:
+                rdv = self.rdv[key]
+                arrived = {int(self.rank[p]) for p in rdv.members}
+                out = []
+                for p in range(self.n):
+                    if self.ckey[p] == key and int(self.rank[p]) not in arrived:
+                        out.append((blocked_at[int(lane_index[p])], "coll"))
+                return out
+            for j in self.deps[i] or ():
+                if end[j] < 0:
+                    return [(blocked_at[int(lane_index[j])], "dep")]
+            return []
+
+        # follow wait-for edges from each blocked op until a node repeats
+        for start_op in sorted(blocked_at.values()):
+            path: list[int] = []
+            via: list[str] = []
+            seen: dict[int, int] = {}
+            i = start_op
+            while i not in seen:
+                seen[i] = len(path)
+                path.append(i)
+                nxt = waits_for(i)
+                if not nxt:
+                    break
+                i, how = nxt[0]
+                via.append(how)
+            else:
+                cycle = path[seen[i]:]
+                cycle_via = via[seen[i]:]
+                colls = [p for p in cycle if self.ckey[p] is not None and self.start[p] >= 0]
+                if "coll" not in cycle_via or not colls:
+                    p = min(cycle, key=lambda q: self.ids[q])
+                    raise SimulationError(
+                        f"dependency cycle through op id {self.ids[p]} ({self._name(p)}, rank {int(self.rank[p])})"
+                    )
+                p = colls[0]
+                ranks, seq, coll = self.ckey[p]
+                rdv = self.rdv[self.ckey[p]]
+                arrived = {int(self.rank[q]) for q in rdv.members}
+                missing = [r for r in ranks if r not in arrived]
+                raise SimulationError(
+                    f"deadlock: collective {coll} on group {','.join(map(str, ranks))} seq {seq} waits for "
+                    f"rank(s) {','.join(map(str, missing))}, blocked on a cycle through op id {self.ids[p]}"
+                )
+        i = min(blocked_at.values())
+        raise SimulationError(f"simulation stalled at op id {self.ids[i]} ({self._name(i)}, rank {int(self.rank[i])})")
+
+    def _name(self, pos: int) -> str:
+        return str(self.names[int(self.order[pos])].as_py())
+
+
+def simulate(
+    ops: pa.Table,
+    cluster: Cluster,
+    *,
+    comm_from_trace: bool = False,
+    seed: int = 0,
+    compute_time: ComputeTimeFn | None = None,
+    flow_model: FlowModel = "auto",
+    gap_us: np.ndarray | None = None,
+    interference: bool = True,
+) -> pa.Table:
+    """Simulate `ops` (a normalized trace table) on `cluster`; return it with simulated
+    start_us / dur_us (same rows, same order). See the module docstring for the model.
+
+    compute_time(ops, cluster) -> float64[n] µs for non-collective ops (default
+    roofline_time_us). gap_us: per-op host delay after the op becomes ready (replay).
+    """
+    return Simulation(
+        ops,
+        cluster,
+        comm_from_trace=comm_from_trace,
+        seed=seed,
+        compute_time=compute_time,
+        flow_model=flow_model,
+        gap_us=gap_us,
+        interference=interference,
+    ).run()
