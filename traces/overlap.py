@@ -173,20 +173,24 @@ def _label_windows(rank_ops: dict[str, np.ndarray], deps: list[list[int]]) -> di
     by_label: dict[str, list[int]] = defaultdict(list)
     for k in comm:
         by_label[str(rank_ops["label"][k])].append(int(k))
+    steps = rank_ops["step"]
+    lane_steps = [steps[members] for members in lane_members]
     for label, members in by_label.items():
         total = 0.0
         for lane in range(n_lanes):
-            # concurrent positions on `lane` for op k: anc[k, lane] < p < desc[k, lane]
-            covered = np.zeros(lane_members[lane].size, dtype=np.int64)
+            # concurrent positions on `lane` for op k: anc[k, lane] < p < desc[k, lane],
+            # and (when the table has steps) in the same step as k
+            mask = np.zeros(lane_members[lane].size, dtype=bool)
             for k in members:
                 if lane_idx[k] == lane:
                     continue
                 lo, hi = anc[k, lane] + 1, desc[k, lane]
                 if hi > lo:
-                    covered[lo] += 1
-                    if hi < covered.size:
-                        covered[hi] -= 1
-            mask = np.cumsum(covered) > 0
+                    span = np.zeros(mask.size, dtype=bool)
+                    span[lo:hi] = True
+                    if steps[k] >= 0:
+                        span &= lane_steps[lane] == steps[k]
+                    mask |= span
             prefix = compute_prefix[lane]
             total += float(np.sum(np.diff(prefix)[mask]))
         windows[label] = total

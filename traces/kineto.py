@@ -1,0 +1,256 @@
+"""Read PyTorch profiler (Kineto) Chrome-trace JSON into columns, one file per rank.
+
+`read_trace(path)` loads one file (plain or gzipped, orjson) and returns its timed events
+(`ph: X`) as numpy columns; `parse_traces(paths)` reads all ranks of a run and builds the
+normalized ops table (traces/schema.py) through traces/lanes.py.
+
+Timestamps: Kineto writes `ts`/`dur` in µs, either absolute epoch µs (older traces) or
+relative to `baseTimeNanoseconds` (absolute ns = base + ts·1000). Ranks are aligned on the
+absolute clock and the run's earliest op becomes t = 0.
+
+Rank of a file: `distributedInfo.rank`, else `rank<N>` in the file name, else 0 when the
+run has a single file; otherwise an error. Every problem is a TraceError that names the
+file and, where it applies, the index of the event in `traceEvents`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from traces.errors import TraceError
+
+# event categories we read; everything else (python_function, Trace, overhead ...) is skipped
+KERNEL, MEMCPY, MEMSET, CPU_OP, RUNTIME, DRIVER, USER_ANN, CUDA_SYNC, GPU_USER_ANN = range(9)
+CATEGORIES = {
+    "kernel": KERNEL,
+    "Kernel": KERNEL,
+    "gpu_memcpy": MEMCPY,
+    "Memcpy": MEMCPY,
+    "gpu_memset": MEMSET,
+    "Memset": MEMSET,
+    "cpu_op": CPU_OP,
+    "Operator": CPU_OP,
+    "cuda_runtime": RUNTIME,
+    "Runtime": RUNTIME,
+    "cuda_driver": DRIVER,
+    "user_annotation": USER_ANN,
+    "cuda_sync": CUDA_SYNC,
+    "gpu_user_annotation": GPU_USER_ANN,
+}
+_RANK_IN_NAME = re.compile(r"rank[-_]?(\d+)", re.I)
+
+
+@dataclass
+class TraceFile:
+    """The timed events of one Kineto file, as columns (N = kept `X` events)."""
+
+    path: Path
+    meta: dict  # top-level keys other than traceEvents
+    cat: np.ndarray  # (N,) int8, one of the category codes above
+    name: list[str]  # (N,)
+    thread: np.ndarray  # (N,) int32 index into `threads`
+    threads: list[tuple]  # (pid, tid) of each thread code
+    ts_us: np.ndarray  # (N,) float64, as written (see base_ns)
+    dur_us: np.ndarray  # (N,) float64
+    args: list  # (N,) dict or None
+    base_ns: int = 0  # baseTimeNanoseconds, 0 when ts is absolute
+    n_events: int = 0  # len(traceEvents)
+    rank: int = -1
+    world_size: int = -1
+    pg_ranks: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _load_json(path: Path) -> object:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except IsADirectoryError:
+        raise TraceError(f"{path}: is a directory, expected a trace file") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
+            raise TraceError(f"{path}: truncated or corrupt gzip ({err})") from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise TraceError(f"{path}: invalid JSON ({err})") from None
+
+
+def read_trace(path: str | os.PathLike) -> TraceFile:
+    """Read one Kineto trace file. Raises TraceError naming the file (and event index)."""
+    path = Path(path)
+    doc = _load_json(path)
+    if isinstance(doc, list):  # the Chrome "JSON array" form
+        doc = {"traceEvents": doc}
+    if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
+        raise TraceError(f"{path}: not a Kineto/Chrome trace (expected an object with a traceEvents list)")
+    events = doc.pop("traceEvents")
+    try:
+        tf = _columns(path, doc, events)
+    except TraceError:
+        raise
+    except Exception as err:  # noqa: BLE001 - locate the event that broke the fast path
+        _raise_first_bad_event(path, events, err)
+    _read_dist_info(tf)
+    return tf
+
+
+def _columns(path: Path, meta: dict, events: list) -> TraceFile:
+    """Fast path: list comprehensions over the event dicts, then numpy."""
+    if not all(e.__class__ is dict for e in events):
+        raise ValueError("non-object event")
+    timed = [e for e in events if e.get("ph") == "X"]
+    ts = np.array([e.get("ts") for e in timed], dtype=np.float64)
+    dur = np.array([e.get("dur") for e in timed], dtype=np.float64)
+    if not (np.all(np.isfinite(ts)) and np.all(np.isfinite(dur)) and np.all(dur >= 0)):
+        raise ValueError("bad ts/dur")
+    cats = CATEGORIES
+    cat = np.array([cats.get(e.get("cat"), -1) for e in timed], dtype=np.int8)
+    keep = np.flatnonzero(cat >= 0)
+    kept = [timed[i] for i in keep]
+    names = [e.get("name") for e in kept]
+    if not all(n.__class__ is str for n in names):
+        raise ValueError("non-string name")
+    thread_of: dict[tuple, int] = {}
+    thread = np.array([thread_of.setdefault((e.get("pid"), e.get("tid")), len(thread_of)) for e in kept], dtype=np.int32)
+    args = [e.get("args") for e in kept]
+    base = meta.get("baseTimeNanoseconds", 0)
+    if not isinstance(base, int) or isinstance(base, bool) or base < 0:
+        raise TraceError(f"{path}: baseTimeNanoseconds must be a non-negative integer, got {base!r}")
+    return TraceFile(
+        path=path,
+        meta=meta,
+        cat=cat[keep],
+        name=names,
+        thread=thread,
+        threads=list(thread_of),
+        ts_us=ts[keep],
+        dur_us=dur[keep],
+        args=[a if a.__class__ is dict else None for a in args],
+        base_ns=base,
+        n_events=len(events),
+    )
+
+
+def _raise_first_bad_event(path: Path, events: list, err: Exception) -> None:
+    """Slow path: find the first event the fast path could not take and name it."""
+    for i, e in enumerate(events):
+        if not isinstance(e, dict):
+            raise TraceError(f"{path}: event {i}: expected a JSON object, got {type(e).__name__}")
+        if e.get("ph") != "X":
+            continue
+        label = f"{path}: event {i} ({str(e.get('name'))[:60]!r})"
+        for key in ("ts", "dur"):
+            value = e.get(key)
+            if value is None:
+                raise TraceError(f"{label}: missing {key}")
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise TraceError(f"{label}: {key} is not a number: {value!r}") from None
+            if not np.isfinite(number):
+                raise TraceError(f"{label}: {key} is not finite: {value!r}")
+            if key == "dur" and number < 0:
+                raise TraceError(f"{label}: negative dur {value!r}")
+        if not isinstance(e.get("name"), str):
+            raise TraceError(f"{label}: name must be a string")
+        try:
+            hash((e.get("pid"), e.get("tid"), e.get("cat")))
+        except TypeError:
+            raise TraceError(f"{label}: pid, tid and cat must be strings or numbers") from None
+    raise TraceError(f"{path}: unreadable events ({type(err).__name__}: {err})")
+
+
+def _read_dist_info(tf: TraceFile) -> None:
+    info = tf.meta.get("distributedInfo")
+    if not isinstance(info, dict):
+        return
+    rank, world = info.get("rank"), info.get("world_size")
+    if isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0:
+        tf.rank = rank
+    if isinstance(world, int) and not isinstance(world, bool) and world > 0:
+        tf.world_size = world
+    for pg in info.get("pg_config") or []:
+        if isinstance(pg, dict) and isinstance(pg.get("ranks"), list):
+            ranks = [r for r in pg["ranks"] if isinstance(r, int)]
+            tf.pg_ranks[str(pg.get("pg_name", ""))] = ranks
+
+
+def assign_ranks(files: list[TraceFile]) -> None:
+    """Fill each file's rank (distributedInfo, else `rankN` in the name, else 0 if alone)
+    and check the files describe one run: distinct ranks, one world size."""
+    for tf in files:
+        if tf.rank >= 0:
+            continue
+        match = _RANK_IN_NAME.search(tf.path.name)
+        if match:
+            tf.rank = int(match.group(1))
+        elif len(files) == 1:
+            tf.rank = 0
+        else:
+            raise TraceError(f"{tf.path}: no distributedInfo.rank and no rank<N> in the file name; cannot tell its rank")
+    seen: dict[int, Path] = {}
+    for tf in files:
+        if tf.rank in seen:
+            raise TraceError(f"{tf.path}: claims rank {tf.rank}, already claimed by {seen[tf.rank]}")
+        seen[tf.rank] = tf.path
+    worlds = {tf.world_size: tf.path for tf in files if tf.world_size > 0}
+    if len(worlds) > 1:
+        (w1, p1), (w2, p2) = list(worlds.items())[:2]
+        raise TraceError(f"{p2}: world_size {w2}, but {p1} has world_size {w1}; files from different runs")
+    for tf in files:
+        if tf.world_size > 0 and tf.rank >= tf.world_size:
+            raise TraceError(f"{tf.path}: rank {tf.rank} is outside world_size {tf.world_size}")
+
+
+def parse_traces(paths: list[str | os.PathLike], config: object | None = None) -> pa.Table:
+    """Read the Kineto files of one run (one per rank) into one normalized ops table.
+
+    `config` is a traces.classify.ClassifyConfig (default rules when None).
+    """
+    from traces.classify import ClassifyConfig
+    from traces.lanes import rank_ops
+    from traces.schema import make_ops
+
+    if not paths:
+        raise TraceError("no trace files given")
+    config = config or ClassifyConfig()
+    files = [read_trace(p) for p in paths]
+    assign_ranks(files)
+    files.sort(key=lambda tf: tf.rank)
+    ref_ns = min(tf.base_ns for tf in files)
+    parts = []
+    next_id = 0
+    for tf in files:
+        cols = rank_ops(tf, config)
+        n = len(cols["name"])
+        if n == 0:
+            continue
+        cols["start_us"] = cols["start_us"] + (tf.base_ns - ref_ns) / 1000.0
+        cols["deps"] = [[d + next_id for d in deps] for deps in cols["deps"]]
+        cols["id"] = np.arange(next_id, next_id + n, dtype=np.int64)
+        cols["rank"] = np.full(n, tf.rank, dtype=np.int32)
+        next_id += n
+        parts.append(cols)
+    if not parts:
+        raise TraceError(f"{files[0].path}: no ops (no kernels, CPU ops or collectives) in {len(files)} file(s)")
+    t0 = min(float(p["start_us"].min()) for p in parts)
+    merged: dict[str, object] = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if isinstance(values[0], np.ndarray):
+            merged[key] = np.concatenate(values)
+        else:
+            merged[key] = [v for part in values for v in part]
+    merged["start_us"] = merged["start_us"] - t0  # type: ignore[operator]
+    return make_ops(merged)
