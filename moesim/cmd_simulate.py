@@ -1,0 +1,109 @@
+"""`moesim simulate`: replay a traced run on a cluster model and write a simulated run dir.
+
+    moesim simulate --trace RUN --cluster NAME [--gpus N] -o SIMRUN [--comm-from-trace] [--seed S]
+
+The trace branch lives in `_run_trace`; analytic workloads (`--preset ...`, issue 8) add their
+own branch in `run()` and reuse `_cluster_for` / `_report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+HELP = "simulate a run on a cluster model (replay a traced run) and write a simulated run dir"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", metavar="RUN", default=None, help="run dir holding ops.parquet (or the parquet file) to replay")
+    parser.add_argument("--cluster", metavar="NAME", default=None,
+                        help="cluster preset or .graphml/.json topology (default for gloo runs: cpu-loopback)")
+    parser.add_argument("--gpus", type=int, default=None, help="cluster size (default: the trace's ranks, rounded up to whole nodes)")
+    parser.add_argument("--cores", type=int, default=None, help="cpu-loopback: cores shared by the processes (default: run.json or this machine)")
+    parser.add_argument("-o", "--out", metavar="SIMRUN", required=True, help="simulated run dir to write")
+    parser.add_argument("--comm-from-trace", action="store_true", help="take comm durations from the trace instead of the network model")
+    parser.add_argument("--seed", type=int, default=0, help="recorded in run.json; the engine is deterministic")
+    parser.add_argument("--flow-model", choices=["auto", "exact", "aggregate"], default="auto",
+                        help="per-pair flows (exact), one flow per collective phase (aggregate), or by size (auto)")
+    parser.add_argument("--no-gaps", action="store_true", help="drop the host gaps the trace shows between ops")
+
+
+def _cluster_for(name: str, ranks: int, gpus: int | None, cores: int | None):
+    """The cluster to simulate on, sized to hold `ranks` ranks unless --gpus says otherwise."""
+    from simulator.cluster import get_cluster
+
+    options = {"cores": cores} if name == "cpu-loopback" and cores is not None else {}
+    if gpus is None:
+        probe = get_cluster(name, **options)
+        per = probe.gpus_per_node
+        if name == "cpu-loopback":
+            gpus = ranks
+        elif name.endswith((".graphml", ".json")):
+            return probe
+        else:
+            gpus = max(per, -(-ranks // per) * per)
+    return get_cluster(name, gpus=gpus, **options)
+
+
+def _report(out: Path, metrics: dict, wall_s: float) -> None:
+    ranks = metrics.get("ranks", {})
+    print(f"wrote {out}  (simulated in {wall_s:.2f} s)")
+    print(f"step time {metrics.get('step_time_us', 0):.1f} us, overlap mean "
+          f"{metrics.get('overlap_pct_mean') if metrics.get('overlap_pct_mean') is None else round(metrics['overlap_pct_mean'], 1)} %")
+    print(f"{'rank':>5} {'compute_us':>11} {'comm_us':>10} {'hidden_us':>10} {'exposed_us':>11} {'overlap%':>9}")
+    for r, m in list(ranks.items())[:16]:
+        pct = m.get("overlap_pct")
+        print(f"{r:>5} {m['compute_us']:11.1f} {m['comm_us']:10.1f} {m['hidden_comm_us']:10.1f} "
+              f"{m['exposed_comm_us']:11.1f} {('-' if pct is None else f'{pct:.1f}'):>9}")
+    if len(ranks) > 16:
+        print(f"  ... {len(ranks) - 16} more ranks in metrics.json")
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    import time
+
+    from simulator.replay import replay, write_sim_run
+    from traces.rundir import OPS_PARQUET, RUN_JSON, read_json
+    from traces.schema import read_ops
+
+    src = Path(args.trace)
+    parquet = src / OPS_PARQUET if src.is_dir() else src
+    ops = read_ops(parquet)
+    run_json = parquet.parent / RUN_JSON
+    live = read_json(run_json) if run_json.is_file() else {}
+    name = args.cluster
+    if name is None:
+        if live.get("backend") == "gloo":
+            name = "cpu-loopback"
+        else:
+            from moesim.cli import UsageError
+
+            raise UsageError("--cluster NAME is required (the trace's run.json does not say it ran on gloo/CPU)")
+    cores = args.cores
+    if cores is None and name == "cpu-loopback":
+        cores = int(live.get("cores") or live.get("hardware", {}).get("cpu_count", 0) or os.cpu_count() or 1)
+    world = int(ops.column("rank").to_numpy().max()) + 1 if ops.num_rows else 1
+    cluster = _cluster_for(name, world, args.gpus, cores)
+    t0 = time.perf_counter()
+    sim = replay(ops, cluster, comm_from_trace=args.comm_from_trace, seed=args.seed,
+                 keep_gaps=not args.no_gaps, flow_model=args.flow_model)
+    wall = time.perf_counter() - t0
+    info = {k: live[k] for k in ("preset", "config", "schedule", "mode", "plan") if k in live}
+    info.update({"input": str(src), "comm_from_trace": bool(args.comm_from_trace), "flow_model": args.flow_model,
+                 "keep_gaps": not args.no_gaps, "cores": cluster.cores if cluster.kind == "cpu" else None})
+    if "step_time_us_median" in live:
+        info["input_step_time_us_median"] = live["step_time_us_median"]
+    out = write_sim_run(args.out, sim, cluster, seed=args.seed, run_info=info)
+    from traces.rundir import METRICS_JSON
+
+    _report(out, read_json(out / METRICS_JSON), wall)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.trace is not None:
+        return _run_trace(args)
+    from moesim.cli import UsageError
+
+    raise UsageError("nothing to simulate: give --trace RUN (a run dir with ops.parquet)")
