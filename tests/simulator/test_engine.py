@@ -1,0 +1,139 @@
+"""Engine semantics: lanes and deps, determinism, interference, and the failure reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from simulator.cluster import get_cluster
+from simulator.engine import DEFAULT_EFFICIENCY, simulate
+from simulator.errors import SimulationError
+from tests.simulator.helpers import Ops, star
+from traces.overlap import compute_metrics
+
+
+def _by_id(table) -> dict[int, tuple[float, float]]:
+    d = table.to_pydict()
+    return {i: (s, du) for i, s, du in zip(d["id"], d["start_us"], d["dur_us"])}
+
+
+def test_lane_order_and_cross_lane_deps():
+    ops = Ops()
+    a = ops.add(0, "s7", dur=10.0)
+    b = ops.add(0, "s7", dur=5.0, start=1)
+    c = ops.add(0, "s20", dur=3.0, deps=[b])  # waits for b on the other lane
+    d = ops.add(0, "s20", dur=1.0, start=1)
+    t = _by_id(simulate(ops.table(), star(2, 10, 1)))
+    assert t[a] == (0.0, 10.0) and t[b] == (10.0, 5.0)
+    assert t[c] == (15.0, 3.0) and t[d] == (18.0, 1.0)
+
+
+def test_roofline_and_pluggable_compute_time():
+    c = star(2, 10, 1)
+    ops = Ops()
+    ops.add(0, "s7", flops=1e12)  # 1e12 / 100e12 FLOP/s = 10 ms at peak
+    ops.add(0, "s7", nbytes=1e9, start=1)  # 1e9 / 1e12 B/s = 1 ms at peak
+    t = _by_id(simulate(ops.table(), c))
+    assert t[0][1] == pytest.approx(1e4 / DEFAULT_EFFICIENCY)
+    assert t[1][1] == pytest.approx(1e3 / DEFAULT_EFFICIENCY)
+    t = _by_id(simulate(ops.table(), c, compute_time=lambda o, cl: np.array([7.0, 8.0])))
+    assert t[0][1] == 7.0 and t[1] == (7.0, 8.0)
+
+
+def _decode_like(n: int, layers: int, rng: np.random.Generator) -> Ops:
+    ops = Ops()
+    group = ",".join(map(str, range(n)))
+    for r in range(n):
+        prev = None
+        for layer in range(layers):
+            attn = ops.add(r, "s7", dur=float(rng.uniform(20, 40)), start=layer * 10 + 1, deps=[prev] if prev is not None else [],
+                           label=f"L{layer}/attn0")
+            disp = ops.add(r, "s20", "comm", "dispatch", coll="all_to_all", group=group, seq=2 * layer,
+                           coll_bytes=1e6, splits=rng.uniform(0.5, 1.5, n) * 1e6 / n, deps=[attn], start=layer * 10 + 2,
+                           label=f"L{layer}/dispatch")
+            mlp = ops.add(r, "s7", dur=float(rng.uniform(10, 30)), start=layer * 10 + 3, label=f"L{layer}/mlp0")
+            exp = ops.add(r, "s7", flops=2e10, start=layer * 10 + 4, deps=[disp], label=f"L{layer}/experts")
+            prev = ops.add(r, "s20", "comm", "combine", coll="all_to_all", group=group, seq=2 * layer + 1,
+                           coll_bytes=1e6, deps=[exp], start=layer * 10 + 5, label=f"L{layer}/combine")
+            del mlp
+    return ops
+
+
+def test_deterministic_byte_identical_metrics():
+    c = get_cluster("h800", gpus=16)
+    table = _decode_like(16, 3, np.random.default_rng(3)).table()
+    runs = [json.dumps(compute_metrics(simulate(table, c, seed=5)), sort_keys=True) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_gpu_comm_slows_concurrent_model_compute_by_the_sm_share():
+    c = get_cluster("h800", gpus=8)  # 20 of 132 SMs per comm kernel
+    share = 20 / 132
+    ops = Ops()
+    group = ",".join(map(str, range(8)))
+    for r in range(8):
+        ops.add(r, "s7", flops=1e12 * DEFAULT_EFFICIENCY * 989.4e12 / 1e12 * 1e-4)  # 100 µs alone
+        ops.add(r, "s20", "comm", coll="all_to_all", group=group, coll_bytes=8 * 2.5e6, seq=0)
+    t = _by_id(simulate(ops.table(), c))
+    comm_us = t[1][1]
+    assert 0 < comm_us < 100
+    expected = comm_us + (100.0 - comm_us * (1 - share))
+    assert t[0][1] == pytest.approx(expected, rel=1e-9)
+    # measured durations are not slowed again
+    ops2 = Ops()
+    for r in range(8):
+        ops2.add(r, "s7", dur=100.0)
+        ops2.add(r, "s20", "comm", coll="all_to_all", group=group, coll_bytes=8 * 2.5e6, seq=0)
+    assert _by_id(simulate(ops2.table(), c))[0][1] == 100.0
+
+
+def test_cpu_processor_sharing():
+    c = get_cluster("cpu-loopback", gpus=3, cores=2)
+    ops = Ops()
+    for r in range(3):
+        ops.add(r, "main", flops=50e9 * DEFAULT_EFFICIENCY * 1e-4)  # 100 µs of one core
+    t = _by_id(simulate(ops.table(), c))
+    # three jobs on two cores: each runs at 2/3 speed → 150 µs
+    assert [t[i][1] for i in range(3)] == pytest.approx([150.0] * 3)
+
+
+def test_collective_never_reached_names_group_and_missing_rank():
+    ops = Ops()
+    ops.add(0, "s20", "comm", coll="all_reduce", group="0,1,2", coll_bytes=1e3, seq=4)
+    ops.add(2, "s20", "comm", coll="all_reduce", group="0,1,2", coll_bytes=1e3, seq=4)
+    with pytest.raises(SimulationError, match=r"all_reduce on group 0,1,2 seq 4 is never reached by rank\(s\) 1"):
+        simulate(ops.table(), star(3, 10, 1))
+
+
+def test_lock_step_ordering_deadlock_is_reported_not_hung():
+    ops = Ops()
+    ops.add(0, "s20", "comm", coll="all_reduce", group="0,1", coll_bytes=1e3, seq=0)
+    ops.add(0, "s20", "comm", coll="all_gather", group="0,1", coll_bytes=1e3, seq=1, start=1)
+    ops.add(1, "s20", "comm", coll="all_gather", group="0,1", coll_bytes=1e3, seq=1)
+    ops.add(1, "s20", "comm", coll="all_reduce", group="0,1", coll_bytes=1e3, seq=0, start=1)
+    with pytest.raises(SimulationError, match=r"deadlock: collective all_\w+ on group 0,1 seq \d waits for rank\(s\) [01]"):
+        simulate(ops.table(), star(2, 10, 1))
+
+
+def test_dependency_cycle_names_an_op_on_it():
+    ops = Ops()
+    ops.add(0, "a", dur=1.0)
+    ops.add(0, "a", dur=1.0, start=1, deps=[3])
+    ops.add(0, "b", dur=1.0)
+    ops.add(0, "b", dur=1.0, start=1, deps=[1])
+    ops.add(0, "c", dur=1.0)  # unrelated, finishes
+    with pytest.raises(SimulationError, match=r"dependency cycle through op id [13]"):
+        simulate(ops.table(), star(2, 10, 1))
+
+
+def test_unknown_dep_and_rank_beyond_cluster():
+    ops = Ops()
+    ops.add(0, "a", dur=1.0, deps=[99])
+    with pytest.raises(SimulationError, match="unknown op id 99"):
+        simulate(ops.table(), star(2, 10, 1))
+    ops = Ops()
+    ops.add(5, "a", dur=1.0)
+    with pytest.raises(SimulationError, match="rank 5 but cluster test has 2 GPUs"):
+        simulate(ops.table(), star(2, 10, 1))
