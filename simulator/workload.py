@@ -1,0 +1,810 @@
+"""Analytic workloads: a model + a parallel plan → the normalized op graph of one step, per rank.
+
+    generate(arch, plan, rng) -> Workload          (ops table + routing statistics)
+    build_workload(config, plan, rng) -> pa.Table  (the ops table alone)
+
+The table has the schema of traces/schema.py and the labels parsed traces carry
+(`L{i}/{attn0,mlp0,router,dispatch,experts,combine,attn1,mlp1}`, `head`, `mtp`,
+`optimizer`), so the simulator replays it like a trace. Compute ops carry FLOPs and bytes
+and `dur_us = 0`: the simulator prices them on its cluster. Lanes per rank:
+`gpu:{r}/compute`, `gpu:{r}/comm` (expert-parallel all-to-alls, TP all-reduces, gradient
+all-reduces) and `gpu:{r}/p2p` (pipeline sends/receives).
+
+Routing at scale (`RoutingSpec`): each token's number of FFN experts is drawn from a
+distribution over 0..K (default for zero-expert models: beta-binomial with mean 8, std 3 of
+K = 12, LongCat-Flash's reported behaviour); which FFN experts from uniform, Zipf-skewed
+or replayed per-expert probabilities (distinct experts per token). Identity experts are
+served on the token's own rank: they never appear in the all-to-all splits. Per-rank
+expert loads and all-to-all-v splits follow from the draw, so imbalance makes stragglers.
+A token goes once to each destination rank holding at least one of its experts (the
+DeepEP / all-to-all-v convention); the combine returns one vector per (token, rank).
+
+Schedules (per layer, per micro-batch; the deps are data dependencies, the lane order is
+the schedule):
+    sequential  every op waits for the previous one: nothing overlaps
+    sbo         one batch; comm on its own lane: dispatch ∥ mlp0 + attn1 projections,
+                experts, combine ∥ attn1 core + o_proj + mlp1 (shortcut layout); the
+                conventional layout overlaps only its shared expert with the dispatch
+    tbo         two micro-batches of half the batch, interleaved: one's all-to-all runs
+                under the other's compute (DeepSeek-V3 serving)
+Training: forward then backward per micro-batch (GPipe over `pp` stages, send/recv between
+stages); backward ops are the forward graph reversed (backward of dispatch = an all-to-all
+in the combine direction and vice versa), with 2x the forward FLOPs; one gradient
+all-reduce per layer over the stage's data-parallel ranks on the comm lane (DDP buckets).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from simulator.baselines import MoeArch, arch_from_longcat
+from simulator.errors import SimulationError
+from traces.schema import SCHEMA
+
+Mode = Literal["prefill", "decode", "train"]
+Schedule = Literal["sequential", "tbo", "sbo"]
+
+# Above this many tokens per rank per micro-batch, routing is drawn for a sample of tokens
+# and the counts are drawn from the resulting probabilities (multinomial at the true size).
+EXACT_TOKENS_PER_RANK = 4096
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class RoutingSpec:
+    """How tokens pick experts. k_probs: P(k FFN experts), k = 0..K (None: the default)."""
+
+    k_mean: float = 8.0
+    k_std: float = 3.0
+    k_probs: list[float] | None = None
+    choice: Literal["uniform", "zipf", "replay"] = "uniform"
+    zipf_s: float = 1.0
+    expert_probs: list[float] | None = None  # replay: per FFN expert, any scale
+
+
+@dataclass
+class ParallelPlan:
+    """One deployment / training step. Units: tokens, sequences, bytes."""
+
+    gpus: int
+    mode: Mode = "decode"
+    batch_per_gpu: int = 1  # decode: concurrent sequences per GPU; prefill/train: sequences per GPU
+    context: int = 4096  # decode: cached tokens per sequence; prefill/train: sequence length
+    schedule: Schedule = "sbo"
+    ep: int = 0  # expert-parallel group size; 0 = all GPUs of a pipeline stage
+    tp: int = 1  # attention tensor parallelism inside the data-parallel attention
+    pp: int = 1  # pipeline stages (training)
+    micro_batches: int = 0  # training: per step (0 = 2 * pp); tbo inference: always 2
+    mtp: bool = False  # decode: one MTP draft token verified per step
+    mtp_accept: float = 0.0  # acceptance rate of the draft token
+    node_size: int = 8
+    weight_bytes: float = 2.0  # per parameter (BF16)
+    dispatch_bytes: float = 1.0  # per hidden element on the wire (FP8 dispatch, DeepEP)
+    combine_bytes: float = 2.0  # BF16 combine
+    routing: RoutingSpec = field(default_factory=RoutingSpec)
+
+    def validate(self, arch: MoeArch) -> None:
+        """Raise SimulationError naming the field when the plan cannot run `arch`."""
+        def bad(msg: str) -> None:
+            raise SimulationError(f"plan: {msg}")
+
+        for name in ("gpus", "batch_per_gpu", "context", "tp", "pp", "node_size"):
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.mode not in ("prefill", "decode", "train"):
+            bad(f"mode {self.mode!r}: expected prefill, decode or train")
+        if self.schedule not in ("sequential", "tbo", "sbo"):
+            bad(f"schedule {self.schedule!r}: expected sequential, tbo or sbo")
+        if self.gpus % self.node_size and self.gpus > self.node_size:
+            bad(f"gpus {self.gpus} is not a multiple of the node size {self.node_size}")
+        if self.gpus % self.pp:
+            bad(f"gpus {self.gpus} not divisible by pp {self.pp}")
+        if self.pp > 1 and self.mode != "train":
+            bad("pipeline stages (pp > 1) are modelled for training only")
+        if self.pp > arch.num_layers:
+            bad(f"pp {self.pp} exceeds the {arch.num_layers} layers")
+        stage = self.gpus // self.pp
+        ep = self.ep_size
+        if stage % ep:
+            bad(f"ep {ep} does not divide the {stage} GPUs of a stage")
+        if arch.n_routed_experts % ep:
+            bad(f"ep {ep} does not divide the {arch.n_routed_experts} FFN experts of {arch.name}")
+        if stage % self.tp:
+            bad(f"tp {self.tp} does not divide the {stage} GPUs of a stage")
+        if self.schedule == "tbo" and self.mode != "train" and self.batch_per_gpu < 2:
+            bad("tbo splits the batch in two micro-batches: batch_per_gpu must be >= 2")
+        if self.mode == "train" and self.batch_per_gpu % self.n_micro:
+            bad(f"batch_per_gpu {self.batch_per_gpu} not divisible by {self.n_micro} micro-batches")
+        if not 0.0 <= self.mtp_accept <= 1.0:
+            bad(f"mtp_accept must be in [0, 1], got {self.mtp_accept}")
+        if self.mtp and self.mode != "decode":
+            bad("mtp applies to decode only")
+        if self.mtp and arch.mtp_layers < 1:
+            bad(f"{arch.name} has no MTP module")
+
+    @property
+    def ep_size(self) -> int:
+        return self.ep or self.gpus // self.pp
+
+    @property
+    def n_micro(self) -> int:
+        if self.mode == "train":
+            return self.micro_batches or 2 * self.pp
+        return 2 if self.schedule == "tbo" else 1
+
+    @property
+    def tokens_per_seq_step(self) -> int:
+        """New positions per sequence in one step: decode 1 (2 with an MTP draft), else context."""
+        if self.mode == "decode":
+            return 2 if self.mtp else 1
+        return self.context
+
+    @property
+    def accepted_tokens_per_seq_step(self) -> float:
+        return 1.0 + (self.mtp_accept if self.mtp else 0.0)
+
+
+# ----------------------------------------------------------------------------- routing
+def beta_binomial_probs(k: int, mean: float, std: float) -> np.ndarray:
+    """P(j), j = 0..k, of a beta-binomial with the given mean and std (binomial if too narrow)."""
+    p = min(max(mean / k, 1e-6), 1 - 1e-6)
+    j = np.arange(k + 1)
+    log_binom = np.array([math.lgamma(k + 1) - math.lgamma(i + 1) - math.lgamma(k - i + 1) for i in j])
+    var_binom = k * p * (1 - p)
+    ratio = std * std / var_binom
+    if ratio <= 1.0 + 1e-9:  # no over-dispersion possible: plain binomial
+        return np.exp(log_binom + j * math.log(p) + (k - j) * math.log(1 - p))
+    if ratio >= k:
+        raise SimulationError(f"routing: std {std} too wide for {k} slots with mean {mean}")
+    s = (k - ratio) / (ratio - 1)
+    a, b = p * s, (1 - p) * s
+    lbeta = lambda x, y: math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)  # noqa: E731
+    logp = log_binom + np.array([lbeta(i + a, k - i + b) for i in j]) - lbeta(a, b)
+    probs = np.exp(logp)
+    return probs / probs.sum()
+
+
+def k_distribution(arch: MoeArch, spec: RoutingSpec) -> np.ndarray:
+    """P(number of FFN experts = j), j = 0..moe_topk."""
+    K = arch.moe_topk
+    if arch.zero_expert_num == 0:
+        probs = np.zeros(K + 1)
+        probs[K] = 1.0
+        return probs
+    if spec.k_probs is not None:
+        probs = np.asarray(spec.k_probs, dtype=np.float64)
+        if probs.shape != (K + 1,) or (probs < 0).any() or probs.sum() <= 0:
+            raise SimulationError(f"routing: k_probs must be {K + 1} non-negative numbers")
+        return probs / probs.sum()
+    return beta_binomial_probs(K, spec.k_mean, spec.k_std)
+
+
+def expert_distribution(arch: MoeArch, spec: RoutingSpec, rng: np.random.Generator) -> np.ndarray | None:
+    """Per-FFN-expert choice probabilities; None means uniform."""
+    E = arch.n_routed_experts
+    if spec.choice == "uniform":
+        return None
+    if spec.choice == "zipf":
+        weights = 1.0 / np.arange(1, E + 1) ** spec.zipf_s
+        probs = weights[rng.permutation(E)]
+    elif spec.choice == "replay":
+        if spec.expert_probs is None or len(spec.expert_probs) != E:
+            raise SimulationError(f"routing: replay needs expert_probs for the {E} FFN experts")
+        probs = np.asarray(spec.expert_probs, dtype=np.float64)
+        if (probs < 0).any() or probs.sum() <= 0:
+            raise SimulationError("routing: expert_probs must be non-negative, not all zero")
+    else:
+        raise SimulationError(f"routing: choice {spec.choice!r}: expected uniform, zipf or replay")
+    return probs / probs.sum()
+
+
+def draw_experts(
+    n_tokens: int, K: int, E: int, probs: np.ndarray | None, rng: np.random.Generator
+) -> np.ndarray:
+    """(n_tokens, K) distinct FFN expert ids per token (K ≤ E), drawn without replacement."""
+    K = min(K, E)
+    if probs is None:
+        ids = rng.integers(0, E, size=(n_tokens, K))
+    else:
+        ids = rng.choice(E, size=(n_tokens, K), p=probs)
+    for _ in range(64):  # redraw duplicates until every row is distinct
+        order = np.argsort(ids, axis=1, kind="stable")
+        srt = np.take_along_axis(ids, order, axis=1)
+        dup_sorted = np.zeros_like(srt, dtype=bool)
+        dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
+        if not dup_sorted.any():
+            return ids
+        dup = np.zeros_like(dup_sorted)
+        np.put_along_axis(dup, order, dup_sorted, axis=1)
+        n = int(dup.sum())
+        ids[dup] = rng.integers(0, E, size=n) if probs is None else rng.choice(E, size=n, p=probs)
+    # pathological skew: fall back to Gumbel top-K on the offending rows
+    rows = np.flatnonzero(dup.any(axis=1))
+    g = np.log(probs if probs is not None else np.full(E, 1.0 / E))[None, :] - np.log(
+        -np.log(rng.random((len(rows), E)))
+    )
+    ids[rows] = np.argpartition(-g, K - 1, axis=1)[:, :K]
+    return ids
+
+
+@dataclass
+class LayerRouting:
+    """One MoE layer, one micro-batch, one pipeline stage (ranks local to the stage).
+
+    send_tokens: (R, R) int64, tokens rank i sends to rank j (one per token and destination
+    rank holding ≥ 1 of its FFN experts; the diagonal stays on the rank).
+    expert_slots: (R,) token-expert pairs each rank's experts compute.
+    experts_hit: (R,) experts on each rank that received ≥ 1 token.
+    ffn_per_token: (n_sampled,) FFN experts of the sampled tokens; zero_slots, all_slots: totals.
+    """
+
+    send_tokens: np.ndarray
+    expert_slots: np.ndarray
+    experts_hit: np.ndarray
+    ffn_per_token: np.ndarray
+    zero_slots: float
+    all_slots: float
+
+
+def route_layer(
+    arch: MoeArch, ranks: int, ep: int, tokens_per_rank: int, k_probs: np.ndarray,
+    expert_probs: np.ndarray | None, rng: np.random.Generator,
+) -> LayerRouting:
+    """Draw one layer's routing for `ranks` ranks in EP groups of `ep` consecutive ranks."""
+    E, K = arch.n_routed_experts, arch.moe_topk
+    epr = E // ep  # experts per rank
+    sample = min(tokens_per_rank, EXACT_TOKENS_PER_RANK)
+    n = ranks * sample
+    k_tok = rng.choice(K + 1, size=n, p=k_probs)
+    ids = draw_experts(n, K, E, expert_probs, rng)
+    used = np.arange(ids.shape[1])[None, :] < k_tok[:, None]  # (n, K) FFN slots in use
+    src = np.repeat(np.arange(ranks), sample)
+    group_base = (src // ep) * ep
+    dest = group_base[:, None] + ids // epr  # global (stage-local) destination rank
+    # one message per (token, destination rank): distinct dests among used slots
+    dest_m = np.where(used, dest, -1)
+    dest_s = np.sort(dest_m, axis=1)
+    first = np.ones_like(dest_s, dtype=bool)
+    first[:, 1:] = dest_s[:, 1:] != dest_s[:, :-1]
+    keep = first & (dest_s >= 0)
+    pair = (np.repeat(src, keep.sum(axis=1)) * ranks + dest_s[keep])
+    send = np.bincount(pair, minlength=ranks * ranks).reshape(ranks, ranks)
+    gexp = (group_base[:, None] // ep * E + ids)[used]  # expert index unique across EP groups
+    n_groups = ranks // ep
+    per_expert = np.bincount(gexp, minlength=n_groups * E).astype(np.float64)
+    scale = tokens_per_rank / sample
+    if scale > 1.0:  # draw counts at full size from the sampled probabilities
+        send = np.vstack([
+            rng.multinomial(int(round(row.sum() * scale)), row / row.sum()) if row.sum() else row
+            for row in send
+        ])
+        per_expert = np.concatenate([
+            rng.multinomial(int(round(g.sum() * scale)), g / g.sum()) if g.sum() else g
+            for g in per_expert.reshape(n_groups, E)
+        ]).astype(np.float64)
+    expert_slots = per_expert.reshape(ranks, epr).sum(axis=1)
+    experts_hit = (per_expert.reshape(ranks, epr) > 0).sum(axis=1)
+    ffn_slots = float(k_tok.sum()) * scale
+    return LayerRouting(
+        send_tokens=send.astype(np.int64), expert_slots=expert_slots, experts_hit=experts_hit,
+        ffn_per_token=k_tok.astype(np.int8), zero_slots=K * n * scale - ffn_slots, all_slots=K * n * scale,
+    )
+
+
+# ----------------------------------------------------------------------------- op costs
+@dataclass
+class Cost:
+    flops: float
+    bytes: float
+
+
+class BlockCosts:
+    """FLOPs (matmul, 2 per multiply-add; model/counting.py's convention) and bytes of the
+    blocks of `arch` for U sequences of T new tokens after P cached ones on one rank."""
+
+    def __init__(self, arch: MoeArch, plan: ParallelPlan, seqs: float):
+        self.a, self.plan = arch, plan
+        self.U = seqs
+        self.T = plan.tokens_per_seq_step
+        self.P = plan.context if plan.mode == "decode" else 0
+        self.tokens = seqs * self.T
+        self.wb = plan.weight_bytes
+        self.act = 2.0  # activation bytes per element (BF16)
+
+    def _io(self, width_in: float, width_out: float) -> float:
+        return self.tokens * (width_in + width_out) * self.act
+
+    def attention(self, part: Literal["all", "proj", "core"]) -> Cost:
+        """One attention block, split as SBO splits attn1: projections / core + o_proj."""
+        a, tp = self.a, self.plan.tp
+        h, nh = a.hidden_size, a.num_attention_heads
+        tokens_g = self.tokens * tp  # the TP group's tokens, 1/tp of the heads each
+        pairs = self.U * tp * (self.T * self.P + self.T * (self.T + 1) / 2)
+        absorbed = self.P > 0
+        if a.attention == "mla":
+            C, R, N, V, Q = a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim, a.v_head_dim, a.q_lora_rank
+            q_w = (h * Q + Q * nh * (N + R)) if Q else h * nh * (N + R)
+            kva_w = h * (C + R)
+            kvb_k, kvb_v = C * nh * N, C * nh * V
+            o_w = nh * V * h
+            if absorbed:
+                proj_f = 2 * tokens_g * (q_w + kva_w + kvb_k)
+                core_f = a.attn_core_flops(pairs, 1.0, True) + 2 * tokens_g * (kvb_v + o_w)
+            else:  # expanded: kv_b on every key (keys = the prompt itself)
+                proj_f = 2 * tokens_g * (q_w + kva_w + kvb_k + kvb_v)
+                core_f = a.attn_core_flops(pairs, 1.0, False) + 2 * tokens_g * o_w
+            proj_w, core_w = q_w + kva_w + kvb_k, kvb_v + o_w
+            kv_bytes = self.U * tp * (self.P + self.T) * (C + R) * self.act  # latent, shared by heads
+        else:
+            hd, nkv = a.head_dim, a.num_key_value_heads
+            proj_w = h * nh * hd + 2 * h * nkv * hd
+            core_w = nh * hd * h
+            proj_f = 2 * tokens_g * proj_w
+            core_f = a.attn_core_flops(pairs, 1.0, absorbed) + 2 * tokens_g * core_w
+            kv_bytes = self.U * tp * (self.P + self.T) * 2 * nkv * hd * self.act / tp
+        proj = Cost(proj_f / tp, proj_w * self.wb / tp + self._io(h, h))
+        core = Cost(core_f / tp, core_w * self.wb / tp + kv_bytes + self._io(h, h))
+        if part == "proj":
+            return proj
+        if part == "core":
+            return core
+        return Cost(proj.flops + core.flops, proj.bytes + core.bytes)
+
+    def mlp(self, ffn: int, tokens: float | None = None) -> Cost:
+        t = self.tokens if tokens is None else tokens
+        h = self.a.hidden_size
+        return Cost(2 * t * 3 * h * ffn, 3 * h * ffn * self.wb + t * (2 * h + 3 * ffn) * self.act)
+
+    def router(self) -> Cost:
+        a = self.a
+        width = a.n_routed_experts + a.zero_expert_num
+        return Cost(2 * self.tokens * a.hidden_size * width,
+                    a.hidden_size * width * 4 + self._io(a.hidden_size, 0) + 2 * self.tokens * width * 4)
+
+    def experts(self, slots: np.ndarray, hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-rank (flops, bytes) of the grouped expert GEMMs for `slots` token-expert pairs."""
+        h, f = self.a.hidden_size, self.a.expert_ffn_hidden_size
+        flops = 2.0 * slots * 3 * h * f
+        nbytes = hit * 3 * h * f * self.wb + slots * (2 * h + 3 * f) * self.act
+        return flops, nbytes
+
+    def head(self, tokens: float) -> Cost:
+        a = self.a
+        return Cost(2 * tokens * a.hidden_size * a.vocab_size,
+                    a.vocab_size * a.hidden_size * self.wb + tokens * (a.hidden_size + a.vocab_size) * self.act)
+
+
+# ----------------------------------------------------------------------------- op templates
+@dataclass
+class _Op:
+    """One op of a stage's template (the same on every rank of the stage).
+
+    flops / bytes / coll_bytes: a scalar for every rank or an (R,) array per rank;
+    splits: (R, group) per-peer bytes (all-to-all-v) or None; deps: template indices.
+    """
+
+    lane: str
+    kind: str
+    name: str
+    label: str
+    deps: list[int]
+    flops: float | np.ndarray = 0.0
+    bytes: float | np.ndarray = 0.0
+    coll: str = ""
+    group: str = ""  # "ep", "tp", "dp" (the stage), or "p2p:{peer stage}"
+    coll_bytes: float | np.ndarray = 0.0
+    splits: np.ndarray | None = None
+    seq: int = -1
+    bwd_splits: np.ndarray | None = None  # the backward all-to-all's splits (other direction)
+
+
+class _Template:
+    def __init__(self) -> None:
+        self.ops: list[_Op] = []
+
+    def add(self, op: _Op) -> int:
+        self.ops.append(op)
+        return len(self.ops) - 1
+
+
+@dataclass
+class _LayerMb:
+    """One layer of one micro-batch: op keys grouped by schedule stage."""
+
+    ops: dict[str, _Op]
+    pre: list[str]
+    mid_a: list[str]
+    experts: list[str]
+    mid_b: list[str]
+    dispatch: str | None
+    combine: str | None
+    out: list[str]
+    deps: dict[str, list[str]]  # data deps by key; "IN" = the layer's input
+
+
+def _layer_ops(arch: MoeArch, layer: int, costs: BlockCosts, moe: tuple | None) -> _LayerMb:
+    """The ops of layer `layer` for one micro-batch; moe = (expert flops, bytes,
+    (dispatch splits, their backward), (combine splits, their backward)) per rank, None for
+    a dense layer."""
+    L = f"L{layer}/"
+    ops: dict[str, _Op] = {}
+    deps: dict[str, list[str]] = {}
+
+    def comp(key: str, block: str, name: str, cost: Cost | tuple, d: list[str]) -> None:
+        f, b = (cost.flops, cost.bytes) if isinstance(cost, Cost) else cost
+        ops[key] = _Op("compute", "compute", name, L + block, [], f, b)
+        deps[key] = d
+
+    def a2a(key: str, splits: np.ndarray, bwd: np.ndarray, d: list[str]) -> None:
+        ops[key] = _Op("comm", "comm", f"{key}.all_to_all", L + key, [], coll="all_to_all",
+                       group="ep", coll_bytes=splits.sum(axis=1), splits=splits, bwd_splits=bwd)
+        deps[key] = d
+
+    two_blocks = arch.attn_blocks_per_layer == 2
+    if moe is None:
+        comp("attn0", "attn0", "attn0.mla_attention", costs.attention("all"), ["IN"])
+        comp("mlp0", "mlp0", "mlp0.gemm", costs.mlp(arch.dense_ffn_hidden_size), ["attn0"])
+        return _LayerMb(ops, ["attn0", "mlp0"], [], [], [], None, None, ["mlp0"], deps)
+    exp_cost, (disp, disp_bwd), (comb, comb_bwd) = (moe[0], moe[1]), moe[2], moe[3]
+    if arch.layout == "shortcut":
+        comp("attn0", "attn0", "attn0.mla_attention", costs.attention("all"), ["IN"])
+        comp("router", "router", "router.gemm", costs.router(), ["attn0"])
+        a2a("dispatch", disp, disp_bwd, ["router"])
+        comp("mlp0", "mlp0", "mlp0.gemm", costs.mlp(arch.ffn_hidden_size), ["attn0"])
+        comp("attn1.proj_gemm", "attn1", "attn1.proj_gemm", costs.attention("proj"), ["mlp0"])
+        comp("experts", "experts", "experts.grouped_gemm", exp_cost, ["dispatch"])
+        a2a("combine", comb, comb_bwd, ["experts"])
+        comp("attn1.core", "attn1", "attn1.core_attention", costs.attention("core"), ["attn1.proj_gemm"])
+        mid_b = ["attn1.core"]
+        if arch.dense_mlps_per_layer >= 2:
+            comp("mlp1", "mlp1", "mlp1.gemm", costs.mlp(arch.ffn_hidden_size), ["attn1.core"])
+            mid_b.append("mlp1")
+        return _LayerMb(ops, ["attn0", "router"], ["mlp0", "attn1.proj_gemm"], ["experts"], mid_b,
+                        "dispatch", "combine", [mid_b[-1], "combine"], deps)
+    if two_blocks:  # conventional variant of a two-attention layer: MoE in sequence after attn1
+        comp("attn0", "attn0", "attn0.mla_attention", costs.attention("all"), ["IN"])
+        comp("mlp0", "mlp0", "mlp0.gemm", costs.mlp(arch.ffn_hidden_size), ["attn0"])
+        comp("attn1", "attn1", "attn1.mla_attention", costs.attention("all"), ["mlp0"])
+        comp("router", "router", "router.gemm", costs.router(), ["attn1"])
+        a2a("dispatch", disp, disp_bwd, ["router"])
+        comp("experts", "experts", "experts.grouped_gemm", exp_cost, ["dispatch"])
+        a2a("combine", comb, comb_bwd, ["experts"])
+        mid_b, out = [], ["combine"]
+        if arch.dense_mlps_per_layer >= 2:
+            comp("mlp1", "mlp1", "mlp1.gemm", costs.mlp(arch.ffn_hidden_size), ["combine"])
+            mid_b, out = ["mlp1"], ["mlp1"]
+        return _LayerMb(ops, ["attn0", "mlp0", "attn1", "router"], [], ["experts"], mid_b,
+                        "dispatch", "combine", out, deps)
+    # conventional single-attention layer (DeepSeek-V3 style): shared expert beside the routed
+    comp("attn0", "attn0", "attn0.mla_attention", costs.attention("all"), ["IN"])
+    comp("router", "router", "router.gemm", costs.router(), ["attn0"])
+    a2a("dispatch", disp, disp_bwd, ["router"])
+    mid_a, out = [], ["combine"]
+    if arch.n_shared_experts:
+        comp("shared", "mlp0", "shared_expert.gemm", costs.mlp(arch.n_shared_experts * arch.expert_ffn_hidden_size),
+             ["attn0"])
+        mid_a, out = ["shared"], ["combine", "shared"]
+    comp("experts", "experts", "experts.grouped_gemm", exp_cost, ["dispatch"])
+    a2a("combine", comb, comb_bwd, ["experts"])
+    return _LayerMb(ops, ["attn0", "router"], mid_a, ["experts"], [], "dispatch", "combine", out, deps)
+
+
+def _schedule_layer(layers: list[_LayerMb], schedule: Schedule) -> list[tuple[int, str]]:
+    """Global (topologically valid) order of (micro-batch, key) for one layer."""
+    if schedule == "sequential":
+        order = []
+        for m, lm in enumerate(layers):
+            keys = lm.pre + ([lm.dispatch] if lm.dispatch else []) + lm.experts
+            keys += ([lm.combine] if lm.combine else []) + lm.mid_a + lm.mid_b
+            order += [(m, k) for k in keys]
+        return order
+    if len(layers) == 1:  # sbo
+        lm = layers[0]
+        keys = lm.pre + ([lm.dispatch] if lm.dispatch else []) + lm.mid_a + lm.experts
+        keys += ([lm.combine] if lm.combine else []) + lm.mid_b
+        return [(0, k) for k in keys]
+    # tbo: pre0, d0, pre1, d1, mid_a0, E0, c0, mid_a1, E1, c1, mid_b0, mid_b1
+    order: list[tuple[int, str]] = []
+    for m, lm in enumerate(layers):
+        order += [(m, k) for k in lm.pre] + ([(m, lm.dispatch)] if lm.dispatch else [])
+    for m, lm in enumerate(layers):
+        order += [(m, k) for k in lm.mid_a + lm.experts] + ([(m, lm.combine)] if lm.combine else [])
+    for m, lm in enumerate(layers):
+        order += [(m, k) for k in lm.mid_b]
+    return order
+
+
+# ----------------------------------------------------------------------------- the generator
+@dataclass
+class Workload:
+    """An analytic step: the ops table and what the metrics need besides timing.
+
+    ffn_per_token: (layers_sampled, tokens_sampled) FFN experts per sampled token and layer.
+    expert_slots: (moe layers × micro-batches, ranks) token-expert pairs per rank.
+    """
+
+    ops: pa.Table
+    arch: MoeArch
+    plan: ParallelPlan
+    ffn_per_token: np.ndarray
+    expert_slots: np.ndarray
+    zero_slots: float
+    all_slots: float
+    tokens_per_step: float  # positions the model processes per step, all GPUs
+    output_tokens_per_step: float  # decode: accepted tokens; prefill: prompt tokens; train: tokens
+    model_flops: float  # sum of the ops' FLOPs
+
+
+def build_workload(config: object, plan: ParallelPlan, rng: np.random.Generator) -> pa.Table:
+    """The ops table of one step of `config` (a LongcatConfig or a MoeArch) under `plan`."""
+    return generate(config, plan, rng).ops
+
+
+def generate(config: object, plan: ParallelPlan, rng: np.random.Generator) -> Workload:
+    """Build one step. Raises SimulationError for a plan that cannot run the model."""
+    arch = config if isinstance(config, MoeArch) else arch_from_longcat(config)
+    plan.validate(arch)
+    G, pp = plan.gpus, plan.pp
+    S = G // pp  # ranks per stage
+    m_total = plan.n_micro
+    seqs_mb = plan.batch_per_gpu / m_total
+    costs = BlockCosts(arch, plan, seqs_mb)
+    tokens_mb = int(round(costs.tokens))
+    k_probs = k_distribution(arch, plan.routing)
+    expert_probs = expert_distribution(arch, plan.routing, rng)
+    ep = plan.ep_size
+    h = arch.hidden_size
+    per_stage = -(-arch.num_layers // pp)
+    train = plan.mode == "train"
+    group_size = 2 if plan.schedule == "tbo" else 1
+    mb_groups = [list(range(i, min(i + group_size, m_total))) for i in range(0, m_total, group_size)]
+
+    ffn_samples: list[np.ndarray] = []
+    slots_rows: list[np.ndarray] = []
+    zero_slots = all_slots = 0.0
+    templates: list[_Template] = []
+    for stage in range(pp):
+        layers = list(range(stage * per_stage, min((stage + 1) * per_stage, arch.num_layers)))
+        routing: dict[tuple[int, int], tuple] = {}
+        for layer in layers:
+            if not arch.is_moe_layer(layer):
+                continue
+            for m in range(m_total):
+                lr = route_layer(arch, S, ep, tokens_mb, k_probs, expert_probs, rng)
+                flops, nbytes = costs.experts(lr.expert_slots, lr.experts_hit)
+                idx = (np.arange(S) // ep * ep)[:, None] + np.arange(ep)[None, :]
+                sent = np.take_along_axis(lr.send_tokens, idx, axis=1).astype(np.float64)  # (S, ep)
+                recv = np.take_along_axis(lr.send_tokens.T, idx, axis=1).astype(np.float64)
+                disp = (sent * h * plan.dispatch_bytes, recv * h * costs.act)
+                comb = (recv * h * plan.combine_bytes, sent * h * costs.act)
+                routing[(layer, m)] = (flops, nbytes, disp, comb)
+                if stage == 0 and m == 0:
+                    ffn_samples.append(lr.ffn_per_token)
+                slots_rows.append(lr.expert_slots)
+                zero_slots += lr.zero_slots
+                all_slots += lr.all_slots
+        templates.append(_stage_template(arch, plan, stage, layers, costs, routing, mb_groups))
+    ops = _assemble(templates, plan, S, ep)
+    model_flops = float(pa.compute.sum(ops.column("flops")).as_py() or 0.0)
+    if train:
+        positions = G / pp * plan.batch_per_gpu * plan.context
+        out_tokens = positions
+    elif plan.mode == "prefill":
+        positions = out_tokens = G * plan.batch_per_gpu * plan.context
+    else:
+        positions = G * plan.batch_per_gpu * plan.tokens_per_seq_step
+        out_tokens = G * plan.batch_per_gpu * plan.accepted_tokens_per_seq_step
+    n_tok = min(len(s) for s in ffn_samples) if ffn_samples else 0
+    ffn = np.vstack([s[:n_tok] for s in ffn_samples]) if ffn_samples else np.zeros((0, 0), np.int8)
+    return Workload(
+        ops=ops, arch=arch, plan=plan, ffn_per_token=ffn,
+        expert_slots=np.vstack(slots_rows) if slots_rows else np.zeros((0, S)),
+        zero_slots=zero_slots, all_slots=all_slots, tokens_per_step=positions,
+        output_tokens_per_step=out_tokens, model_flops=model_flops,
+    )
+
+
+def _stage_template(
+    arch: MoeArch, plan: ParallelPlan, stage: int, layers: list[int], costs: BlockCosts,
+    routing: dict[tuple[int, int], tuple], mb_groups: list[list[int]],
+) -> _Template:
+    """The op list every rank of pipeline stage `stage` runs, in a topologically valid order."""
+    tpl = _Template()
+    pp, h = plan.pp, arch.hidden_size
+    first, last = stage == 0, stage == pp - 1
+    train = plan.mode == "train"
+    act_bytes = costs.tokens * h * costs.act
+    fwd_groups: list[list[int]] = []
+    for group in mb_groups:
+        fwd: list[int] = []
+        inputs: dict[int, list[int]] = {}
+        for m in group:
+            inputs[m] = []
+            if not first:
+                inputs[m] = [tpl.add(_Op("p2p", "comm", "recv_activation", "", [], coll="recv",
+                                         group="p2p:recv:-1", coll_bytes=act_bytes, seq=1_000_000 + 2 * m))]
+                fwd += inputs[m]
+        for layer in layers:
+            lms = [_layer_ops(arch, layer, costs, routing.get((layer, m))) for m in group]
+            index: dict[tuple[int, str], int] = {}
+            prev = None
+            for mi, key in _schedule_layer(lms, plan.schedule):
+                lm, m = lms[mi], group[mi]
+                op = lm.ops[key]
+                op.deps = [d for k in lm.deps[key] for d in (inputs[m] if k == "IN" else [index[(mi, k)]])]
+                if plan.schedule == "sequential" and prev is not None and prev not in op.deps:
+                    op.deps.append(prev)
+                t = tpl.add(op)
+                fwd.append(t)
+                index[(mi, key)] = prev = t
+                if plan.tp > 1 and op.label.rsplit("/", 1)[-1] in ("attn0", "attn1") and key != "attn1.proj_gemm":
+                    ar = tpl.add(_Op("comm", "comm", f"{key}.tp_all_reduce", op.label, [t], coll="all_reduce",
+                                     group="tp", coll_bytes=act_bytes * plan.tp))
+                    fwd.append(ar)
+                    index[(mi, key)] = prev = ar
+            for mi, m in enumerate(group):
+                inputs[m] = [index[(mi, k)] for k in lms[mi].out]
+        for m in group:
+            if last:
+                n_head = costs.tokens if plan.mode != "prefill" else costs.U
+                hc = costs.head(n_head)
+                t = tpl.add(_Op("compute", "compute", "lm_head.gemm", "head", list(inputs[m]), hc.flops, hc.bytes))
+                fwd.append(t)
+                if plan.mtp:  # the draft module: one attention block, one dense FFN, the head
+                    a = costs.attention("all")
+                    ffn = costs.mlp(arch.ffn_hidden_size or arch.dense_ffn_hidden_size)
+                    t1 = tpl.add(_Op("compute", "compute", "mtp.mla_attention", "mtp", [t], a.flops, a.bytes))
+                    t2 = tpl.add(_Op("compute", "compute", "mtp.gemm", "mtp", [t1], ffn.flops, ffn.bytes))
+                    t3 = tpl.add(_Op("compute", "compute", "mtp.lm_head_gemm", "mtp", [t2], hc.flops, hc.bytes))
+                    fwd += [t1, t2, t3]
+            else:
+                fwd.append(tpl.add(_Op("p2p", "comm", "send_activation", "", list(inputs[m]), coll="send",
+                                       group="p2p:send:+1", coll_bytes=act_bytes, seq=1_000_000 + 2 * m)))
+        fwd_groups.append(fwd)
+    if not train:
+        return tpl
+    bwd_last_by_layer: dict[str, list[int]] = {}
+    for fwd in reversed(fwd_groups):
+        bwd_last_by_layer = _backward(tpl, fwd)
+    # gradient all-reduce of the dense (replicated) weights, one bucket per layer
+    ar_ids = []
+    for layer in reversed(layers):
+        dense = arch.layer_params(layer, ffn_experts=0) * 2.0
+        deps = bwd_last_by_layer.get(f"L{layer}", [])
+        ar_ids.append(tpl.add(_Op("dp", "comm", f"grad_all_reduce.L{layer}", "optimizer", deps,
+                                  coll="all_reduce", group="dp", coll_bytes=dense)))
+    params = sum(arch.layer_params(i, arch.n_routed_experts / plan.ep_size) for i in layers)
+    tpl.add(_Op("compute", "compute", "optimizer.adam_elementwise", "optimizer", ar_ids, 10.0 * params, 16.0 * params))
+    return tpl
+
+
+def _backward(tpl: _Template, fwd: list[int]) -> dict[str, list[int]]:
+    """Append the backward of forward ops `fwd` (reverse order, reversed data deps).
+
+    Returns, per layer prefix "L{i}", the backward op ids of that layer (for gradient sync).
+    """
+    in_fwd = set(fwd)
+    consumers: dict[int, list[int]] = {t: [] for t in fwd}
+    for t in fwd:
+        for d in tpl.ops[t].deps:
+            if d in in_fwd:
+                consumers[d].append(t)
+    bwd_of: dict[int, int] = {}
+    by_layer: dict[str, list[int]] = {}
+    for t in reversed(fwd):
+        f = tpl.ops[t]
+        deps = [bwd_of[c] for c in consumers[t]]
+        if f.coll == "all_to_all":
+            splits = f.bwd_splits
+            op = _Op(f.lane, f.kind, f.name + ".bwd", f.label, deps, coll="all_to_all", group=f.group,
+                     coll_bytes=splits.sum(axis=1), splits=splits)
+        elif f.coll in ("send", "recv"):
+            kind, delta = f.group.split(":")[1:]
+            flipped = "recv" if kind == "send" else "send"
+            op = _Op(f.lane, f.kind, f.name.replace("activation", "grad"), f.label, deps, coll=flipped,
+                     group=f"p2p:{flipped}:{delta}", coll_bytes=f.coll_bytes, seq=f.seq + 1)
+        elif f.coll:
+            op = _Op(f.lane, f.kind, f.name + ".bwd", f.label, deps, coll=f.coll, group=f.group,
+                     coll_bytes=f.coll_bytes)
+        else:
+            op = _Op(f.lane, f.kind, f.name + ".bwd", f.label, deps, 2.0 * f.flops, 2.0 * f.bytes)
+        bwd_of[t] = tpl.add(op)
+        if f.label.startswith("L"):
+            by_layer.setdefault(f.label.split("/")[0], []).append(bwd_of[t])
+    return by_layer
+
+
+def _assemble(templates: list[_Template], plan: ParallelPlan, S: int, ep: int) -> pa.Table:
+    """Tile each stage's template over its ranks into one normalized ops table."""
+    cols: dict[str, list] = {k: [] for k in ("id", "rank", "lane", "kind", "name", "label", "flops", "bytes",
+                                             "coll", "group", "coll_bytes", "seq", "deps_flat", "deps_len",
+                                             "split_flat", "split_len")}
+    next_id = 0
+    group_cache: dict[tuple[str, int], str] = {}
+
+    def group_str(key: str, r: int) -> str:
+        if key == "ep":
+            lo = r // ep * ep
+            k = ("ep", lo)
+            if k not in group_cache:
+                group_cache[k] = ",".join(map(str, range(lo, lo + ep)))
+            return group_cache[k]
+        if key == "tp":
+            lo = r // plan.tp * plan.tp
+            return ",".join(map(str, range(lo, lo + plan.tp)))
+        if key == "dp":
+            lo = r // S * S
+            k = ("dp", lo)
+            if k not in group_cache:
+                group_cache[k] = ",".join(map(str, range(lo, lo + S)))
+            return group_cache[k]
+        _, kind, delta = key.split(":")
+        peer = r + int(delta) * S
+        return f"{r},{peer}" if kind == "send" else f"{peer},{r}"
+
+    for stage, tpl in enumerate(templates):
+        n_t = len(tpl.ops)
+        ranks = np.arange(stage * S, (stage + 1) * S)
+        base = next_id + np.arange(S) * n_t
+        next_id += S * n_t
+        cols["id"].append((base[:, None] + np.arange(n_t)[None, :]).reshape(-1))
+        cols["rank"].append(np.repeat(ranks, n_t))
+        lanes = [op.lane for op in tpl.ops]
+        cols["lane"] += [f"gpu:{r}/{ln}" for r in ranks for ln in lanes]
+        for key in ("kind", "name", "label", "coll"):
+            cols[key] += [getattr(op, key) for op in tpl.ops] * S
+        cols["group"] += [group_str(op.group, int(r)) if op.group else "" for r in ranks for op in tpl.ops]
+        for key in ("flops", "bytes", "coll_bytes"):
+            mat = np.empty((S, n_t))
+            for t, op in enumerate(tpl.ops):
+                mat[:, t] = getattr(op, key)
+            cols[key].append(mat.reshape(-1))
+        cols["seq"].append(np.tile([op.seq if op.seq >= 0 or not op.coll else t
+                                    for t, op in enumerate(tpl.ops)], S))
+        dep_lens = np.array([len(op.deps) for op in tpl.ops], dtype=np.int64)
+        dep_flat = np.array([d for op in tpl.ops for d in op.deps], dtype=np.int64)
+        cols["deps_len"].append(np.tile(dep_lens, S))
+        cols["deps_flat"].append((base[:, None] + dep_flat[None, :]).reshape(-1))
+        split_ts = [t for t, op in enumerate(tpl.ops) if op.splits is not None]
+        lens = np.zeros(n_t, dtype=np.int64)
+        lens[split_ts] = ep
+        cols["split_len"].append(np.tile(lens, S))
+        if split_ts:
+            cols["split_flat"].append(np.stack([tpl.ops[t].splits for t in split_ts], axis=1).reshape(-1))
+    cat = lambda k: np.concatenate(cols[k]) if cols[k] else np.zeros(0)  # noqa: E731
+    n = int(sum(len(a) for a in cols["id"]))
+
+    def list_col(flat: np.ndarray, lens: np.ndarray, typ: pa.DataType) -> pa.Array:
+        offsets = np.zeros(len(lens) + 1, dtype=np.int32 if flat.size < 2**31 else np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        if offsets.dtype == np.int64:
+            return pa.LargeListArray.from_arrays(offsets, pa.array(flat, type=typ.value_type)).cast(typ)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=typ.value_type))
+
+    arrays = {
+        "id": pa.array(cat("id"), pa.int64()),
+        "rank": pa.array(cat("rank"), pa.int32()),
+        "lane": pa.array(cols["lane"], pa.string()),
+        "kind": pa.array(cols["kind"], pa.string()),
+        "name": pa.array(cols["name"], pa.string()),
+        "label": pa.array(cols["label"], pa.string()),
+        "start_us": pa.array(np.zeros(n), pa.float64()),
+        "dur_us": pa.array(np.zeros(n), pa.float64()),
+        "flops": pa.array(cat("flops"), pa.float64()),
+        "bytes": pa.array(cat("bytes"), pa.float64()),
+        "coll": pa.array(cols["coll"], pa.string()),
+        "group": pa.array(cols["group"], pa.string()),
+        "coll_bytes": pa.array(cat("coll_bytes"), pa.float64()),
+        "splits": list_col(cat("split_flat").astype(np.float64), cat("split_len").astype(np.int64),
+                           SCHEMA.field("splits").type),
+        "seq": pa.array(cat("seq").astype(np.int64), pa.int64()),
+        "step": pa.array(np.zeros(n, dtype=np.int32), pa.int32()),
+        "deps": list_col(cat("deps_flat").astype(np.int64), cat("deps_len").astype(np.int64),
+                         SCHEMA.field("deps").type),
+    }
+    return pa.Table.from_arrays([arrays[f.name] for f in SCHEMA], schema=SCHEMA)
