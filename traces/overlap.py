@@ -13,9 +13,9 @@ Definitions (per rank; all figures in µs):
                                        window is the rank's span per profiled step
     overlap_pct                        hidden / comm · 100 (HTA's definition); None when
                                        the rank has no comm
-Per-rank times are per step: totals over the measured steps divided by the number of steps
-(1 when the table has no step markers), so they compare with `step_time_us`.
-When step markers exist (`step` ≥ 0) only ops inside a step count.
+Per-rank times are per step: totals over the rank's measured steps divided by their number
+(1 when the rank has no step markers), so they compare with `step_time_us`. On a rank with
+step markers (`step` ≥ 0) only ops inside a step count.
 
 Per label (layer × block, e.g. "L3/dispatch"; ops with an empty label are skipped):
     comm_us, hidden_comm_us   as above, restricted to the label's comm ops (hidden against
@@ -274,15 +274,16 @@ def compute_metrics(ops: pa.Table) -> dict:
     bad = np.flatnonzero(~(c["dur_us"] >= 0))
     if bad.size:
         raise TraceError(f"normalized trace: op id {c['id'][bad[0]]} has negative or NaN dur_us")
-    stepped = bool(np.any(c["step"] >= 0))
-    keep = c["step"] >= 0 if stepped else np.ones(c["id"].size, dtype=bool)
+    # a rank with step markers counts only the ops inside its steps; one without counts all
+    stepped_ranks = set(np.unique(c["rank"][c["step"] >= 0]).tolist())
+    stepped = bool(stepped_ranks)
+    keep = (c["step"] >= 0) | ~np.isin(c["rank"], list(stepped_ranks))
     c = {k: v[keep] for k, v in c.items()}
     deps_all = ops.column("deps").to_pylist() if "deps" in ops.column_names else [[] for _ in range(ops.num_rows)]
     keep_idx = np.flatnonzero(keep)
     deps_all = [deps_all[i] or [] for i in keep_idx]
-    steps = np.unique(c["step"]) if stepped else np.array([-1])
-    n_steps = int(steps.size) if c["id"].size else 0
     ranks = np.unique(c["rank"])
+    n_steps = int(np.unique(c["step"][c["step"] >= 0]).size) if stepped else (1 if c["id"].size else 0)
 
     # step spans: span[rank][step]
     step_spans: dict[int, dict[int, float]] = defaultdict(dict)
@@ -294,7 +295,8 @@ def compute_metrics(ops: pa.Table) -> dict:
         r = {k: v[in_rank] for k, v in c.items()}
         totals = defaultdict(float)
         window_us = 0.0
-        for step in steps:
+        rank_steps = np.unique(r["step"])
+        for step in rank_steps:
             in_step = r["step"] == step
             s, e, k = r["start_us"][in_step], r["end_us"][in_step], r["kind_code"][in_step]
             if s.size == 0:
@@ -307,7 +309,7 @@ def compute_metrics(ops: pa.Table) -> dict:
                 totals[key] += value
             per_step[int(step)][0] += fig["comm_us"]
             per_step[int(step)][1] += fig["hidden_comm_us"]
-        div = max(n_steps, 1)
+        div = max(rank_steps.size, 1)
         comm_us = totals["comm_us"] / div
         hidden = totals["hidden_comm_us"] / div
         ranks_out[str(int(rank))] = {
@@ -334,7 +336,7 @@ def compute_metrics(ops: pa.Table) -> dict:
                 acc[2] += windows.get(str(label), 0.0) / div
                 acc[3] += 1
 
-    step_times = [max(spans.values()) for _, spans in sorted(step_spans.items())]
+    step_times = [max(spans.values()) for step, spans in sorted(step_spans.items()) if step >= 0 or not stepped]
     pcts = [v["overlap_pct"] for v in ranks_out.values() if v["overlap_pct"] is not None]
     metrics: dict = {
         "step_time_us": float(np.median(step_times)) if step_times else 0.0,
@@ -356,6 +358,7 @@ def compute_metrics(ops: pa.Table) -> dict:
                 "overlap_pct": _pct(per_step[step][1], per_step[step][0]),
             }
             for step in sorted(step_spans)
+            if step >= 0
         ]
     return metrics
 

@@ -1,0 +1,71 @@
+"""Overlap % agrees with HTA 0.5.0's get_comm_comp_overlap on third-party NCCL traces.
+
+HTA counts kernels named ^nccl.*Kernel as communication and keeps only GPU ops launched
+(by correlation) by a CPU call that started before the last ProfilerStep; the comparison
+applies that same selection to our ops table, then lets compute_metrics do the math.
+"""
+
+import logging
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from traces.kineto import parse_traces
+from traces.overlap import compute_metrics
+
+hta_analysis = pytest.importorskip("hta.trace_analysis", reason="HTA (holistictraceanalysis 0.5.0) not installed")
+
+NCCL_TRACES = {
+    "nccl_data": ["hta/nccl_parser_config/nccl_data.json.gz"],
+    "control": ["hta/trace_diff/control/control.json.gz"],
+    "sampled_2ranks": ["hta/trace_filter/sampled_rank-0.json.gz", "hta/trace_filter/sampled_rank-1.json.gz"],
+}
+
+
+def _hta_overlap_pct(paths, tmp_path) -> dict[int, float]:
+    for p in paths:
+        os.symlink(p, tmp_path / p.name)
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analysis = hta_analysis.TraceAnalysis(trace_dir=str(tmp_path))
+            frame = analysis.get_comm_comp_overlap(visualize=False)
+    finally:
+        logging.disable(logging.NOTSET)
+    return {int(r): float(v) for r, v in zip(frame["rank"], frame["comp_comm_overlap_pctg"])}
+
+
+def _hta_selection(ops):
+    """Ops HTA analyses: GPU ops whose launching CPU op starts before the last step starts."""
+    lane = np.array(ops.column("lane").to_pylist(), dtype=object)
+    rank = ops.column("rank").to_numpy()
+    start = ops.column("start_us").to_numpy()
+    step = ops.column("step").to_numpy()
+    ids = ops.column("id").to_numpy()
+    deps = ops.column("deps").to_pylist()
+    is_cpu = np.array([str(x).startswith("cpu:") for x in lane])
+    keep = np.zeros(len(ids), dtype=bool)
+    index_of = {int(i): k for k, i in enumerate(ids)}
+    for r in np.unique(rank):
+        in_rank = rank == r
+        last_step = step[in_rank & is_cpu].max()
+        cutoff = start[in_rank & is_cpu & (step == last_step)].min() if last_step >= 0 else np.inf
+        for k in np.flatnonzero(in_rank & ~is_cpu):
+            launchers = [index_of[d] for d in deps[k] if is_cpu[index_of[d]]]
+            keep[k] = bool(launchers) and start[launchers[0]] < cutoff
+    return ops.filter(keep).drop_columns(["step"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(NCCL_TRACES))
+def test_overlap_pct_matches_hta_within_half_a_point(name, shared_traces, tmp_path):
+    paths = [shared_traces / p for p in NCCL_TRACES[name]]
+    expected = _hta_overlap_pct(paths, tmp_path)
+    ops = parse_traces(paths)
+    ours = compute_metrics(_hta_selection(ops))["ranks"]
+    assert set(map(int, ours)) == set(expected)
+    for rank, pct in expected.items():
+        assert ours[str(rank)]["overlap_pct"] == pytest.approx(pct, abs=0.5), (name, rank)
