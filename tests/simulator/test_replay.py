@@ -1,0 +1,129 @@
+"""Replay of traced timelines, the simulated run dir, and the CLI verbs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moesim.cli import main
+from simulator.cluster import get_cluster, load_cluster, save_cluster
+from simulator.replay import replay, replay_gaps, write_sim_run
+from tests.simulator.helpers import Ops
+from traces.overlap import compute_metrics
+from traces.rundir import read_json
+from traces.schema import read_ops, write_ops
+
+
+def _self_consistent() -> Ops:
+    """Two ranks; compute with host gaps, an all-to-all ending at 25 µs on both, data deps."""
+    ops = Ops()
+    a0 = ops.add(0, "cpu:main", dur=10.0, start=0.0)
+    ops.add(0, "cpu:main", dur=8.0, start=12.0)  # 2 µs host gap
+    x0 = ops.add(0, "cpu:gloo", "comm", "gloo:all_to_all", 15.0, start=10.0, coll="all_to_all", group="0,1",
+                 coll_bytes=1e5, seq=0, deps=[a0])
+    ops.add(0, "cpu:main", dur=5.0, start=25.0, deps=[x0])
+    a1 = ops.add(1, "cpu:main", dur=15.0, start=0.0)
+    x1 = ops.add(1, "cpu:gloo", "comm", "gloo:all_to_all", 10.0, start=15.0, coll="all_to_all", group="0,1",
+                 coll_bytes=1e5, seq=0, deps=[a1])
+    ops.add(1, "cpu:main", dur=8.0, start=27.0, deps=[x1])  # waits for the a2a, then 2 µs gap
+    return ops
+
+
+def test_gaps_are_the_unexplained_host_time():
+    gaps = replay_gaps(_self_consistent().table())
+    assert gaps.tolist() == [0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 2.0]
+
+
+def test_replay_with_comm_from_trace_reproduces_a_self_consistent_timeline_exactly():
+    table = _self_consistent().table()
+    sim = replay(table, get_cluster("cpu-loopback", gpus=2, cores=2), comm_from_trace=True)
+    np.testing.assert_array_equal(sim.column("start_us").to_numpy(), table.column("start_us").to_numpy())
+    np.testing.assert_array_equal(sim.column("dur_us").to_numpy(), table.column("dur_us").to_numpy())
+
+
+def test_replay_with_the_network_model_changes_only_comm():
+    table = _self_consistent().table()
+    sim = replay(table, get_cluster("cpu-loopback", gpus=2, cores=2))
+    d = sim.to_pydict()
+    # 1e5 / 2 bytes each way over 3 GB/s loopback + 2 × 15 µs hops, comm thread on a free core
+    a2a = 30.0 + 0.5e5 / 3e3
+    # rank 1 arrives last (15 µs); rank 0's op also holds its 5 µs wait. The latency ends at
+    # 45 µs, after rank 0's compute (3 jobs on 2 cores until 20 µs), so bytes move at full speed.
+    assert d["dur_us"][5] == pytest.approx(a2a) and d["dur_us"][2] == pytest.approx(5.0 + a2a)
+    assert d["start_us"][3] == pytest.approx(15.0 + a2a)
+    assert d["start_us"][6] == pytest.approx(15.0 + a2a + 2.0)
+    assert [d["dur_us"][i] for i in (0, 1, 3, 4, 6)] == [10.0, 8.0, 5.0, 15.0, 8.0]
+
+
+def test_simulated_run_dir_reads_like_a_live_one(tmp_path):
+    cluster = get_cluster("h800", gpus=8)
+    table = _self_consistent().table()
+    sim = replay(table, cluster)
+    out = write_sim_run(tmp_path / "sim", sim, cluster, seed=3, run_info={"input": "hand-built"})
+    run = read_json(out / "run.json")
+    assert run["source"] == "simulated" and run["cluster"] == "h800" and run["seed"] == 3
+    assert run["world_size"] == 2 and set(run["step_times_us"]) == {"0", "1"}
+    back = read_ops(out / "ops.parquet")
+    assert read_json(out / "metrics.json")["step_time_us"] == compute_metrics(back)["step_time_us"]
+    from traces.kineto import parse_traces
+
+    parsed = parse_traces(sorted(out.glob("rank*.pt.trace.json.gz")))
+    kinds = parsed.column("kind").to_pylist()
+    assert kinds.count("comm") == 2 and parsed.column("coll").to_pylist().count("all_to_all") == 2
+    assert sorted(parsed.column("rank").unique().to_pylist()) == [0, 1]
+
+
+@pytest.mark.slow
+def test_torch_tb_profiler_lists_the_simulated_workers(tmp_path):
+    pytest.importorskip("torch_tb_profiler")
+    cluster = get_cluster("h800", gpus=8)
+    out = write_sim_run(tmp_path / "sim", replay(_self_consistent().table(), cluster), cluster)
+    script = textwrap.dedent(
+        """
+        import sys
+        if __name__ == "__main__":
+            from torch_tb_profiler import io
+            from torch_tb_profiler.profiler.loader import RunLoader
+            run = RunLoader("sim", sys.argv[1], io.Cache()).load()
+            print(sorted(w for w, _ in run.profiles))
+        """
+    )
+    path = tmp_path / "load.py"
+    path.write_text(script)
+    res = subprocess.run([sys.executable, str(path), str(out)], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert "['rank0', 'rank1']" in res.stdout, res.stderr[-2000:]
+
+
+def test_cluster_files_round_trip(tmp_path):
+    for suffix in ("graphml", "json"):
+        c = get_cluster("a30-pcie", gpus=16)
+        back = load_cluster(save_cluster(c, tmp_path / f"c.{suffix}"))
+        assert back.num_gpus == 16 and back.gpu == c.gpu and back.gpus_per_node == 8
+        assert sorted(back.graph.edges(data=True)) == sorted(c.graph.edges(data=True))
+
+
+def test_cli_cluster_and_simulate(tmp_path, capsys):
+    assert main(["cluster", "show", "h800", "--gpus", "16"]) == 0
+    assert "16 x H800" in capsys.readouterr().out
+    assert main(["cluster", "show", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "valid: h800, h100, h200, a100, a800, a30-pcie, cpu-loopback" in err and len(err.strip().splitlines()) == 1
+    run = tmp_path / "run"
+    run.mkdir()
+    write_ops(_self_consistent().table(), run / "ops.parquet")
+    assert main(["simulate", "--trace", str(run), "--cluster", "nope", "-o", str(tmp_path / "s")]) == 2
+    assert main(["simulate", "--trace", str(run), "--cluster", "cpu-loopback", "--cores", "2",
+                 "--comm-from-trace", "-o", str(tmp_path / "s")]) == 0
+    assert read_json(tmp_path / "s" / "metrics.json")["step_time_us"] == pytest.approx(35.0)
+    bad = Ops()
+    bad.add(0, "a", "comm", coll="all_reduce", group="0,1", coll_bytes=1.0, seq=0)
+    write_ops(bad.table(), run / "ops.parquet")
+    assert main(["simulate", "--trace", str(run), "--cluster", "cpu-loopback", "--gpus", "2", "-o", str(tmp_path / "t")]) == 2
+    assert "never reached by rank(s) 1" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
