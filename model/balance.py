@@ -35,6 +35,7 @@ from typing import Callable, Literal
 import torch
 
 from model.config import ConfigError
+from model.moe import LayerRouting
 
 ControllerKind = Literal["pid", "p", "off"]
 
@@ -63,14 +64,18 @@ class PidGains:
     kp: float
     ki: float = 0.0
     kd: float = 0.0
-    integral_limit: float = 50.0  # anti-windup: |Σ ε| is clamped to this (relative units)
+    integral_limit: float = 50.0  # anti-windup: |I_i| is clamped to this (relative units)
+    integral_band: float = 0.10  # integral separation: I grows only while |mean_i ε_i| < this
 
 
 # Tuned on the `tiny` and `small` presets from a skewed start (see tests/model/test_balance.py
 # and the README's measured figures). In relative units, so the same gains serve every preset.
+# kd defaults to 0: the per-step token counts are noisy (Poisson, ~1/sqrt(T·K_e/N)), and a
+# derivative of a noisy error moves the bias by that noise every step; on the simulated
+# router of tests/model/test_balance.py any kd > 0 lengthened settling. It stays a knob.
 DEFAULT_GAINS: dict[str, PidGains] = {
     "p": PidGains(kp=0.10),
-    "pid": PidGains(kp=0.10, ki=0.01, kd=0.10),
+    "pid": PidGains(kp=0.10, ki=0.01, kd=0.0),
 }
 
 
@@ -80,18 +85,21 @@ class BiasController:
     Units. e_i (above) scales like 1/(K·N) and the bias acts on softmax scores that scale
     like 1/E, so the controller works on the relative error
         ε_i = e_i · K · N / K_e = 1 − T_i / (K_e · T_all / N)      (1 − load / target load)
-    and moves the bias in units of the uniform score 1/E. Per step t and FFN expert i:
-        I_i(t)  = clamp(I_i(t−1) + ε_i(t), ±integral_limit)
-        Δb_i(t) = (1/E) · [ kp · ε_i(t) + ki · I_i(t) + kd · (ε_i(t) − ε_i(t−1)) ]
+    and moves the bias in units u of the router's scores (u = 1/E, the uniform score, or
+    the gain-scheduled `router_score_unit`). Per step t and FFN expert i:
+        I_i(t)  = clamp(I_i(t−1) + ε_i(t), ±integral_limit)   only while |mean_j ε_j(t)| < integral_band
+        Δb_i(t) = u · [ kp · ε_i(t) + ki · I_i(t) + kd · (ε_i(t) − ε_i(t−1)) ]
     With ki = kd = 0 this is exactly the report's update Δb_i = μ · e_i with
-    μ = kp · K · N / (K_e · E). Zero-expert biases (indices N..E−1) are never touched.
+    μ = kp · u · K · N / K_e. Zero-expert biases (indices N..E−1) are never touched.
 
     Why the extra terms: b is the running sum of Δb, so the P term already integrates the
     error (a type-1 loop: no steady error against a constant offset). The router's own
     weights drift as it trains, a ramp disturbance that a type-1 loop follows with a lag
     of drift/(gain); the I term (a second integration) removes that lag. In terms of b the
     D term is a proportional term, b ⊃ kd·ε/E: it reacts at once and damps the overshoot
-    the I term brings.
+    the I term brings. Integral separation (I frozen while the budget is more than
+    integral_band away from target) keeps a skewed start from winding the integral up
+    into a large overshoot.
     """
 
     def __init__(
@@ -115,8 +123,15 @@ class BiasController:
         return e_N * (self.top_k * self.n_ffn / self.target_ffn_experts)
 
     @torch.no_grad()
-    def step(self, bias_E: torch.Tensor, ffn_counts_N: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """Update bias_E[:N] in place from one step's FFN-expert token counts; returns Δb [N]."""
+    def step(
+        self, bias_E: torch.Tensor, ffn_counts_N: torch.Tensor, n_tokens: int,
+        score_unit: float | None = None,
+    ) -> torch.Tensor:
+        """Update bias_E[:N] in place from one step's FFN-expert token counts; returns Δb [N].
+
+        score_unit: the bias unit (default 1/E, the uniform score). `router_score_unit`
+        gives the gain-scheduled unit used in training.
+        """
         if bias_E.numel() != self.n_ffn + self.n_zero:
             raise ConfigError(
                 f"e_score_correction_bias: expected {self.n_ffn + self.n_zero} entries "
@@ -125,10 +140,12 @@ class BiasController:
         eps_N = self.relative_error(ffn_counts_N.cpu(), n_tokens)
         g = self.gains
         lim = g.integral_limit
-        self.integral_N = (self.integral_N + eps_N).clamp(-lim, lim)
+        if abs(float(eps_N.mean())) < g.integral_band:
+            self.integral_N = (self.integral_N + eps_N).clamp(-lim, lim)
         d_eps_N = eps_N - self.prev_error_N if self.prev_error_N is not None else torch.zeros_like(eps_N)
         self.prev_error_N = eps_N
-        delta_N = (g.kp * eps_N + g.ki * self.integral_N + g.kd * d_eps_N) / (self.n_ffn + self.n_zero)
+        unit = 1.0 / (self.n_ffn + self.n_zero) if score_unit is None else float(score_unit)
+        delta_N = (g.kp * eps_N + g.ki * self.integral_N + g.kd * d_eps_N) * unit
         bias_E[: self.n_ffn] += delta_N.to(bias_E.dtype).to(bias_E.device)
         return delta_N
 
@@ -146,6 +163,18 @@ class BiasController:
         self.integral_N = state["integral_N"].clone()
         prev = state["prev_error_N"]
         self.prev_error_N = None if prev is None else prev.clone()
+
+
+def router_score_unit(scores_TE: torch.Tensor) -> float:
+    """Bias unit for a router in its current state: the mean top-1 softmax score.
+
+    A bias has to overcome the score margins at the top-k boundary, and those scale with
+    how peaked the router is: ≈ 1/E for a fresh router, up to ≈ 1 for a confident one
+    (a trained router that sends most mass to one identity expert). Scaling the step by
+    the top-1 score keeps the loop gain roughly constant as the router sharpens (gain
+    scheduling); for a uniform router it equals the default 1/E.
+    """
+    return float(scores_TE.detach().max(dim=-1).values.mean())
 
 
 def check_target(target_ffn_experts: float, top_k: int, n_ffn: int) -> None:
@@ -220,29 +249,14 @@ def device_balance_loss(
 
 
 # ------------------------------------------------------------------ routing statistics
-@dataclass
-class LayerRouting:
-    """What one MoE layer's router chose in one step."""
-
-    ffn_per_token_T: torch.Tensor  # int64 [T]: FFN experts each token used (0..K)
-    ffn_counts_N: torch.Tensor  # int64 [N]: tokens routed to each FFN expert
-    zero_slots: int  # slots routed to zero experts
-    n_tokens: int
-    top_k: int
+# One layer's routing arrives as model.moe.LayerRouting (what `LongcatFlash(...,
+# return_routing=True)` returns): expert_ids [T, K], ffn_experts_per_token [T],
+# tokens_per_expert [N + Z] (FFN experts first).
 
 
-def layer_routing(ids_TK: torch.Tensor, n_ffn: int) -> LayerRouting:
-    """Summarise one router's choice ids_TK (int64 [T, K]; ids ≥ n_ffn are zero experts)."""
-    ids = ids_TK.detach().cpu()
-    is_ffn_TK = ids < n_ffn
-    ffn_counts_N = torch.bincount(ids[is_ffn_TK], minlength=n_ffn)
-    return LayerRouting(
-        ffn_per_token_T=is_ffn_TK.sum(1),
-        ffn_counts_N=ffn_counts_N,
-        zero_slots=int((~is_ffn_TK).sum()),
-        n_tokens=ids.shape[0],
-        top_k=ids.shape[1],
-    )
+def layer_routing(ids_TK: torch.Tensor, n_ffn: int, n_zero: int, layer: int = 0) -> LayerRouting:
+    """A LayerRouting from bare choices ids_TK (int64 [T, K]), for routers outside a model."""
+    return LayerRouting.from_router(layer, n_ffn, n_ffn + n_zero, ids_TK, torch.zeros(ids_TK.shape))
 
 
 def _max_over_mean(loads: torch.Tensor) -> float:
@@ -259,15 +273,17 @@ def routing_stats(layer: LayerRouting, n_devices: int) -> dict[str, float]:
     """One layer's statistics: FFN experts per token (mean, std), zero share, expert and
     device load (max/mean, coefficient of variation). Device loads count FFN experts only:
     zero experts are replicated on every device and cost neither FLOPs nor traffic."""
-    counts = layer.ffn_counts_N
+    n_ffn = layer.n_routed_experts
+    counts = layer.tokens_per_expert[:n_ffn]
+    n_tokens, top_k = layer.expert_ids.shape
     device_N = torch.zeros(n_devices, dtype=torch.int64).index_add(
         0, device_groups(counts.numel(), n_devices), counts
     )
-    per_token = layer.ffn_per_token_T.double()
+    per_token = layer.ffn_experts_per_token.double()
     return {
         "ffn_experts_per_token": float(per_token.mean()),
         "ffn_experts_std": float(per_token.std(unbiased=False)),
-        "zero_share": layer.zero_slots / (layer.n_tokens * layer.top_k),
+        "zero_share": float(layer.tokens_per_expert[n_ffn:].sum()) / (n_tokens * top_k),
         "load_max_over_mean": _max_over_mean(counts),
         "load_cv": _cv(counts),
         "device_load_max_over_mean": _max_over_mean(device_N),
@@ -291,12 +307,13 @@ def step_routing_stats(
     activated_params(mean_l k_l): its mean/min/max over tokens are reported.
     """
     per_layer = [routing_stats(layer, n_devices) for layer in layers]
-    counts_LT = torch.stack([layer.ffn_per_token_T for layer in layers]).double()
-    slots = sum(layer.n_tokens * layer.top_k for layer in layers)
+    counts_LT = torch.stack([layer.ffn_experts_per_token for layer in layers]).double()
+    slots = sum(layer.expert_ids.numel() for layer in layers)
+    zero_slots = sum(float(layer.tokens_per_expert[layer.n_routed_experts:].sum()) for layer in layers)
     out = {
         "ffn_experts_per_token": float(counts_LT.mean()),
         "ffn_experts_std": float(counts_LT.std(unbiased=False)),
-        "zero_share": sum(layer.zero_slots for layer in layers) / slots,
+        "zero_share": zero_slots / slots,
         "load_max_over_mean": max(s["load_max_over_mean"] for s in per_layer),
         "load_cv": sum(s["load_cv"] for s in per_layer) / len(per_layer),
         "device_load_max_over_mean": max(s["device_load_max_over_mean"] for s in per_layer),

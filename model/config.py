@@ -8,8 +8,8 @@ variant switches (`shortcut`) and the default profiling shape (`default_batch_si
 
 Presets:
     tiny           unit tests: a forward over a few tokens in milliseconds
-    small          live CPU profiling: 2 layers, 32 FFN + 16 zero experts, top-6;
-                   one prefill step of its default batch (4 x 128 tokens) is ~0.1 s on one core
+    small          live CPU profiling: 2 layers, 64 FFN + 32 zero experts, top-12; one
+                   prefill of its default batch (4 x 128 tokens) is ~70 ms on one core
     longcat-flash  the official LongCat-Flash configuration (560B total)
 """
 
@@ -257,13 +257,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         expert_ffn_hidden_size=48, moe_topk=2, zero_expert_num=2, routed_scaling_factor=1.0,
         default_batch_size=2, default_seq_len=16,
     ),
-    # Live CPU profiling: routing and all-to-all shaped like the real model (a third of the
-    # experts are zero experts, top-k picks several of each), sizes a single core runs fast.
+    # Live CPU profiling. Routing mirrors the real model: FFN and zero experts 2:1, top-12,
+    # so uniform routing uses 8 FFN experts per token (LongCat's reported mean); 64 FFN
+    # experts get ~64 rows each from the default batch. Widths are what one core runs fast.
     "small": dict(
         vocab_size=4096, hidden_size=256, num_layers=2, max_position_embeddings=4096,
         num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32, ffn_hidden_size=512, n_routed_experts=32,
-        expert_ffn_hidden_size=128, moe_topk=6, zero_expert_num=16, routed_scaling_factor=2.0,
+        qk_rope_head_dim=16, v_head_dim=32, ffn_hidden_size=512, n_routed_experts=64,
+        expert_ffn_hidden_size=128, moe_topk=12, zero_expert_num=32, routed_scaling_factor=6.0,
         default_batch_size=4, default_seq_len=128,
     ),
     # The official configuration (meituan-longcat/LongCat-Flash-Chat config.json).

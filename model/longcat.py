@@ -143,6 +143,7 @@ class LongcatFlash(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_routing: bool = False,
+        logits_to_keep: int = 0,
     ) -> LongcatOutput:
         """input_ids [B, T] int64 -> LongcatOutput (logits [B, T, V]).
 
@@ -150,6 +151,8 @@ class LongcatFlash(nn.Module):
         position_ids [B or 1, T]: defaults to cache.seq_len + arange(T).
         labels [B, T]: next-token targets aligned with input_ids (shifted inside; -100 ignored).
         return_routing: also return each layer's LayerRouting (does not change the logits).
+        logits_to_keep: n > 0 computes logits for the last n positions only (a serving
+            prefill needs just the last one); 0 = all positions.
         All sequences of a batch have the same length (no padding mask).
         """
         B, T = input_ids.shape
@@ -162,10 +165,14 @@ class LongcatFlash(nn.Module):
         x_BTD = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x_BTD = layer(x_BTD, rope, cache, routing)
+        if logits_to_keep > 0:
+            x_BTD = x_BTD[:, -logits_to_keep:]
         logits_BTV = self.lm_head(self.model.norm(x_BTD))
 
         loss = None
         if labels is not None:
+            if logits_to_keep > 0:
+                raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
             loss = F.cross_entropy(
                 logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float(),
                 labels[:, 1:].reshape(-1),

@@ -124,8 +124,10 @@ class Experts(nn.Module):
             return y_TD
         slot_M = order_M[:n_ffn]
         token_M = slot_M // K
-        out_MD = grouped_expert_ffn(x_TD[token_M], tokens_per_expert_N, self.gate_up_proj, self.down_proj)
-        out_MD = out_MD * weights_TK.reshape(-1)[slot_M, None]
+        out_MD = grouped_expert_ffn(
+            x_TD.index_select(0, token_M), tokens_per_expert_N, self.gate_up_proj, self.down_proj
+        )
+        out_MD = out_MD * weights_TK.reshape(-1).index_select(0, slot_M)[:, None]
         return y_TD.index_add(0, token_M, out_MD)
 
 

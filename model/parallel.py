@@ -143,12 +143,15 @@ class _Dispatch:
     in_flight: _InFlight | None = None
 
 
-def _route_and_issue(layer: nn.Module, ep: ExpertParallel, u: torch.Tensor, routing: list | None) -> _Dispatch:
-    """Router, then the counts exchange (synchronous) and the row exchange (issued async)."""
+def _route_and_issue(layer: nn.Module, ep: ExpertParallel, x: torch.Tensor, norm: nn.Module,
+                     routing: list | None) -> tuple[torch.Tensor, _Dispatch]:
+    """Norm + router (`router`), then the counts exchange (synchronous) and the row exchange
+    (issued async) (`dispatch`). Returns (the normed input u, the dispatch state)."""
     moe = layer.mlp
     N, W, n = moe.router.n_routed_experts, ep.world_size, ep.experts_per_rank
-    x_TD = u.reshape(-1, u.shape[-1])
     with record_function(f"L{layer.layer_index}/router"):
+        u = norm(x)
+        x_TD = u.reshape(-1, u.shape[-1])
         ids_TK, weights_TK = moe.router(x_TD)
         if routing is not None:
             routing.append(LayerRouting.from_router(layer.layer_index, N, moe.n_experts_total, ids_TK, weights_TK))
@@ -169,7 +172,7 @@ def _route_and_issue(layer: nn.Module, ep: ExpertParallel, u: torch.Tensor, rout
         state.recv_MD, state.in_flight = exchange_start(x_TD[token_M], send_splits, recv_splits, ep.group)
         if ep.records is not None:
             _record(ep, layer.layer_index, ids_TK, counts_E, N, send_splits, recv_splits)
-    return state
+    return u, state
 
 
 def _wait_dispatch_and_compute(layer: nn.Module, ep: ExpertParallel, state: _Dispatch) -> tuple[torch.Tensor, torch.Tensor, _InFlight]:
@@ -235,9 +238,7 @@ def _ep_layer_forward(layer: nn.Module, x_BTD: torch.Tensor, rope: tuple[torch.T
         x = x + layer.self_attn[0](layer.input_layernorm[0](x), rope, cache)
     if not layer.config.shortcut:
         return _ep_layer_forward_no_shortcut(layer, ep, x, rope, cache, routing)
-    with record_function(f"L{i}/router"):
-        u = layer.post_attention_layernorm[0](x)
-    state = _route_and_issue(layer, ep, u, routing)
+    u, state = _route_and_issue(layer, ep, x, layer.post_attention_layernorm[0], routing)
     if ep.schedule == "sequential":
         identity_TD, back_MD, in_flight = _wait_dispatch_and_compute(layer, ep, state)
         moe_out = _finish_combine(layer, state, identity_TD, back_MD, in_flight, u.shape)
@@ -263,9 +264,7 @@ def _ep_layer_forward_no_shortcut(layer: nn.Module, ep: ExpertParallel, x: torch
         x = x + layer.mlps[0](layer.post_attention_layernorm[0](x))
     with record_function(f"L{i}/attn1"):
         x = x + layer.self_attn[1](layer.input_layernorm[1](x), rope, cache)
-    with record_function(f"L{i}/router"):
-        v = layer.post_attention_layernorm[1](x)
-    state = _route_and_issue(layer, ep, v, routing)
+    v, state = _route_and_issue(layer, ep, x, layer.post_attention_layernorm[1], routing)
     identity_TD, back_MD, in_flight = _wait_dispatch_and_compute(layer, ep, state)
     if ep.schedule == "sequential":
         moe_out = _finish_combine(layer, state, identity_TD, back_MD, in_flight, v.shape)
