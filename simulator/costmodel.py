@@ -365,8 +365,17 @@ class CostModel:
         return roofline_us(kind, flops, nbytes, self.device)
 
     def predict_op_us(self, name: str, flops: float, nbytes: float) -> float:
-        """Duration of an op of the normalized trace (its name gives the kind)."""
+        """Duration of a named op: its own fit when one exists (keys like "aten::mm"), else
+        its kind's fit, else the roofline."""
+        fit = self.fits.get(name)
+        if fit is not None:
+            return float(fit.predict_us(flops, nbytes))
         return self.predict_us(classify(name), flops, nbytes)
+
+    def overhead_us(self, name: str) -> float:
+        """The fixed part of a named op's duration (its fit's, else the device launch cost)."""
+        fit = self.fits.get(name) or self.fits.get(classify(name))
+        return fit.overhead_us if fit is not None else self.device.launch_overhead_us
 
     def retarget(self, device: DeviceSpec) -> "CostModel":
         """The same efficiencies on another device: rates scale with its peaks."""

@@ -1,0 +1,54 @@
+"""`moesim calibrate`: microbenchmark collectives and compute ops, fit, write CAL/calibration.json."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "measure collectives and compute ops on this machine and fit the cost models (writes CAL/calibration.json)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"],
+                        help="gloo: CPU ranks over loopback; nccl: one GPU per rank (default gloo)")
+    parser.add_argument("--world-size", type=int, default=2, help="ranks to spawn for the collectives (default 2)")
+    parser.add_argument("-o", "--out", required=True, metavar="CAL",
+                        help="directory to hold calibration.json (or a path ending in .json)")
+    parser.add_argument("--sizes-kib", type=str, default=None,
+                        help="comma-separated message sizes per rank in KiB (default 1,4,...,4096)")
+    parser.add_argument("--comm-reps", type=int, default=15, help="repetitions per collective and size (default 15)")
+    parser.add_argument("--compute-reps", type=int, default=7, help="repetitions per compute case (default 7)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moesim.cli import UsageError
+    from simulator.calibrate import DEFAULT_SIZES_BYTES, calibrate, write_calibration
+
+    if args.world_size < 1:
+        raise UsageError(f"--world-size must be ≥ 1, got {args.world_size}")
+    if args.comm_reps < 1 or args.compute_reps < 1:
+        raise UsageError("--comm-reps and --compute-reps must be ≥ 1")
+    sizes = DEFAULT_SIZES_BYTES
+    if args.sizes_kib:
+        try:
+            sizes = tuple(int(float(s) * 1024) for s in args.sizes_kib.split(","))
+        except ValueError:
+            raise UsageError(f"--sizes-kib: expected comma-separated numbers, got {args.sizes_kib!r}") from None
+        if len(sizes) < 2 or min(sizes) <= 0:
+            raise UsageError("--sizes-kib: need ≥ 2 positive sizes to fit latency and bandwidth")
+    cal = calibrate(args.backend, args.world_size, sizes, args.comm_reps, args.compute_reps, args.seed)
+    path = write_calibration(cal, args.out)
+    print(f"calibration: backend {cal['backend']}  world size {cal['world_size']}  device {cal['device']['name']}  torch {cal['torch_version']}")
+    print(f"{'compute kind':<14}{'points':>7}{'overhead µs':>13}{'GFLOP/s':>10}{'GB/s':>9}{'form':>6}{'med |err|':>11}")
+    for kind, fit in cal["compute"]["fits"].items():
+        gf = 1e3 / fit["us_per_mflop"] if fit["us_per_mflop"] > 0 else float("inf")
+        gb = 1e3 / fit["us_per_mb"] if fit["us_per_mb"] > 0 else float("inf")
+        print(f"{kind:<14}{fit['n_points']:>7}{fit['overhead_us']:>13.1f}{gf:>10.1f}{gb:>9.1f}{fit['combine']:>6}"
+              f"{100 * fit['median_abs_rel_err']:>10.1f}%")
+    if cal["comm"]:
+        print(f"{'collective':<14}{'ranks':>7}{'latency µs':>13}{'GB/s':>10}{'med |err|':>11}")
+        for fit in cal["comm"]:
+            gb = 1e3 / fit["us_per_mb"] if fit["us_per_mb"] > 0 else float("inf")
+            print(f"{fit['coll']:<14}{fit['world_size']:>7}{fit['latency_us']:>13.1f}{gb:>10.2f}{100 * fit['median_abs_rel_err']:>10.1f}%")
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,441 @@
+"""Calibration: microbenchmarks → fitted cost models → one JSON file the simulator loads.
+
+`calibrate(backend, world_size)` runs
+  - collectives (all_to_all, all_reduce, all_gather) over a sweep of message sizes on
+    `world_size` spawned ranks (torch.multiprocessing, a free loopback port, one intra-op
+    thread per rank); each point is the median over repetitions of the slowest rank's time
+    for one collective started right after a barrier;
+  - compute ops (matmul / linear / bmm of several shapes, elementwise, norms, softmax,
+    attention, gather / cat) under torch.profiler with record_shapes, so durations are
+    measured the way live traces measure them (profiler overhead included);
+and fits `CostModel` (per op kind) and `CommModel` (alpha-beta per collective).
+
+Calibration file (`CAL/calibration.json`, or any path ending in .json):
+    format "moesim-calibration", version 1,
+    backend, world_size, device {type, name, threads_per_rank}, torch_version, created_utc,
+    compute  CostModel.to_json()  {device: DeviceSpec, fits: {kind: KindFit}}
+    comm     CommModel.to_json()  [CommFit...]
+    points   {compute: [{name, kind, shapes, flops, bytes, dur_us}],
+              comm: [{coll, world_size, coll_bytes, dur_us, dur_us_all}]}
+On CUDA the same code calibrates NCCL and kernels (CUDA events instead of the profiler);
+that path has not been run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from simulator.costmodel import (
+    DEVICES,
+    CommModel,
+    CostModel,
+    DeviceSpec,
+    classify,
+    fit_comm,
+    fit_cost_model,
+    op_work,
+)
+from simulator.errors import SimulationError
+
+CALIBRATION_JSON = "calibration.json"
+FORMAT = "moesim-calibration"
+VERSION = 1
+COLLECTIVES = ("all_to_all", "all_reduce", "all_gather")
+# Message bytes per rank: 1 KiB .. 4 MiB (x4 steps); gloo over loopback reaches its
+# bandwidth plateau by ~1 MiB.
+DEFAULT_SIZES_BYTES = tuple(1024 * 4**i for i in range(7))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------
+# communication microbenchmarks
+
+
+def _comm_worker(rank: int, world_size: int, backend: str, port: int, sizes: Sequence[int], reps: int, out_dir: str) -> None:
+    """One rank: time each collective at each size; write its times (µs) to out_dir."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    use_cuda = backend == "nccl"
+    if use_cuda:
+        torch.cuda.set_device(rank)
+    dev = torch.device(f"cuda:{rank}" if use_cuda else "cpu")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    times: dict[str, dict[str, list[float]]] = {}
+    try:
+        for coll in COLLECTIVES:
+            times[coll] = {}
+            for size in sizes:
+                numel = max(world_size, size // 4 // world_size * world_size)  # float32, divisible
+                x = torch.randn(numel, device=dev)
+                out = torch.empty(numel * (world_size if coll == "all_gather" else 1), device=dev)
+
+                def op() -> None:
+                    if coll == "all_to_all":
+                        dist.all_to_all_single(out, x)
+                    elif coll == "all_reduce":
+                        dist.all_reduce(x)
+                    else:
+                        dist.all_gather_single(out, x)
+                    if use_cuda:
+                        torch.cuda.synchronize()
+
+                for _ in range(3):
+                    op()
+                samples = []
+                for _ in range(reps):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    op()
+                    samples.append((time.perf_counter() - t0) * 1e6)
+                times[coll][str(numel * 4)] = samples
+    finally:
+        dist.destroy_process_group()
+    tmp = Path(out_dir) / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(times))
+    os.replace(tmp, Path(out_dir) / f"rank{rank}.json")
+
+
+def comm_points(backend: str, world_size: int, sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES, reps: int = 15) -> list[dict]:
+    """Run the collective sweep on `world_size` spawned ranks; one point per (coll, size).
+
+    dur_us = median over repetitions of the slowest rank's time (a collective ends when
+    its last rank does); dur_us_all keeps every repetition for the spread.
+    """
+    import torch.multiprocessing as mp
+
+    if world_size < 1:
+        raise SimulationError(f"calibrate: world size must be ≥ 1, got {world_size}")
+    with tempfile.TemporaryDirectory(prefix="moesim-cal-") as out_dir:
+        mp.start_processes(
+            _comm_worker, args=(world_size, backend, _free_port(), list(sizes_bytes), reps, out_dir),
+            nprocs=world_size, join=True, start_method="spawn",
+        )
+        per_rank = [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(world_size)]
+    points = []
+    for coll in COLLECTIVES:
+        for size_key in per_rank[0][coll]:
+            slowest = [max(vals) for vals in zip(*(rank_times[coll][size_key] for rank_times in per_rank))]
+            points.append({
+                "coll": coll, "world_size": world_size, "coll_bytes": float(size_key),
+                "dur_us": statistics.median(slowest), "dur_us_all": slowest,
+            })
+    return points
+
+
+# ---------------------------------------------------------------------------------------
+# compute microbenchmarks
+
+
+def _compute_cases(torch, seed: int) -> list[tuple[str, Callable[[], object]]]:
+    """(op name in the trace, thunk) pairs covering each op kind over a range of sizes."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    F = torch.nn.functional
+    cases: list[tuple[str, Callable[[], object]]] = []
+    for m, k, n in [(16, 64, 64), (64, 128, 128), (128, 256, 512), (256, 256, 256), (512, 256, 1024),
+                    (1024, 512, 512), (256, 1024, 256), (2048, 256, 256), (128, 128, 1024), (512, 512, 2048)]:
+        a, w = rnd(m, k), rnd(n, k)
+        cases.append(("aten::mm", lambda a=a, w=w: torch.mm(a, w.t())))
+        cases.append(("aten::linear", lambda a=a, w=w: F.linear(a, w)))
+    for b, m, k, n in [(4, 64, 32, 64), (8, 128, 64, 128), (16, 256, 64, 256), (8, 512, 32, 512)]:
+        x, y = rnd(b, m, k), rnd(b, k, n)
+        cases.append(("aten::bmm", lambda x=x, y=y: torch.bmm(x, y)))
+    if hasattr(torch, "_grouped_mm"):
+        for rows, k, n, groups in [(64, 128, 128, 4), (256, 256, 128, 8), (1024, 256, 256, 8)]:
+            a, w = rnd(rows, k), rnd(groups, k, n)
+            offs = torch.linspace(rows // groups, rows, groups).to(torch.int32)
+            cases.append(("aten::_grouped_mm", lambda a=a, w=w, offs=offs: torch._grouped_mm(a, w, offs=offs)))
+    for numel in [1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 21]:
+        x, y = rnd(numel // 256, 256), rnd(numel // 256, 256)
+        cases.append(("aten::add", lambda x=x, y=y: x + y))
+        cases.append(("aten::mul", lambda x=x, y=y: x * y))
+        cases.append(("aten::silu", lambda x=x: F.silu(x)))
+        cases.append(("aten::_fused_rms_norm", lambda x=x: F.rms_norm(x, (256,))))
+        cases.append(("aten::_softmax", lambda x=x: torch.softmax(x, -1)))
+        idx = torch.randint(0, numel // 256, (numel // 512,), generator=g)
+        cases.append(("aten::index", lambda x=x, idx=idx: x[idx]))
+        cases.append(("aten::cat", lambda x=x, y=y: torch.cat([x, y])))
+    for b, h, t, d in [(1, 4, 64, 32), (2, 4, 128, 32), (2, 8, 256, 64), (4, 8, 512, 64)]:
+        q = rnd(b, h, t, d)
+        cases.append(("aten::scaled_dot_product_attention",
+                      lambda q=q: F.scaled_dot_product_attention(q, q, q, is_causal=True)))
+    return cases
+
+
+def compute_points(device: str = "cpu", reps: int = 7, seed: int = 0) -> list[dict]:
+    """Time every compute case `reps` times under the profiler; one point per case.
+
+    Each point: the traced op name, its kind, input shapes/dtypes, FLOPs and bytes from
+    `op_work`, and the median of the op's profiled durations (µs).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if device != "cpu":
+        return _compute_points_cuda(reps, seed)
+    torch.set_num_threads(1)
+    points = []
+    for name, thunk in _compute_cases(torch, seed):
+        for _ in range(2):
+            thunk()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(reps):
+                thunk()
+        events = [e for e in prof.events() if e.name == name and (e.cpu_parent is None or e.cpu_parent.name != name)]
+        if not events:
+            continue
+        top = [e for e in events if e.cpu_parent is None] or events
+        ev = top[0]
+        work = op_work(name, ev.input_shapes, ev.input_dtypes)
+        durs = [e.cpu_time_total for e in top]
+        points.append({
+            "name": name, "kind": work.kind, "shapes": ev.input_shapes, "flops": work.flops,
+            "bytes": work.bytes, "dur_us": statistics.median(durs),
+        })
+    return points
+
+
+def _compute_points_cuda(reps: int, seed: int) -> list[dict]:
+    """The same cases timed with CUDA events on cuda:0 (untested without a GPU)."""
+    import torch
+
+    points = []
+    torch.cuda.set_device(0)
+    with torch.device("cuda"):
+        for name, thunk in _compute_cases(torch, seed):
+            for _ in range(3):
+                thunk()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            durs = []
+            for _ in range(reps):
+                start.record()
+                thunk()
+                end.record()
+                torch.cuda.synchronize()
+                durs.append(start.elapsed_time(end) * 1e3)
+            points.append({"name": name, "kind": classify(name), "shapes": [], "flops": 0.0, "bytes": 0.0,
+                           "dur_us": statistics.median(durs)})
+    return points
+
+
+# ---------------------------------------------------------------------------------------
+# fitting and the file
+
+
+def cpu_device_spec(points: Sequence[dict]) -> DeviceSpec:
+    """A DeviceSpec for this CPU core from its best measured GEMM and elementwise rates."""
+    gemm = [p["flops"] / p["dur_us"] * 1e6 for p in points if p["kind"] == "gemm" and p["dur_us"] > 0]
+    mem = [p["bytes"] / p["dur_us"] * 1e6 for p in points if p["kind"] == "elementwise" and p["dur_us"] > 0]
+    small = sorted(p["dur_us"] for p in points if p["flops"] + p["bytes"] < 1e5)
+    base = DEVICES["cpu-core"]
+    return DeviceSpec(
+        f"cpu:{platform.processor() or platform.machine()}",
+        max(gemm) if gemm else base.peak_flops_per_s,
+        max(mem) if mem else base.mem_bytes_per_s,
+        small[0] if small else base.launch_overhead_us,
+    )
+
+
+def fit_calibration(backend: str, world_size: int, device: dict, compute: list[dict], comm: list[dict],
+                    torch_version: str) -> dict:
+    """The calibration object (see module docstring) from measured points."""
+    spec = cpu_device_spec(compute) if device.get("type") == "cpu" else DEVICES.get(device.get("name", ""), DEVICES["H800"])
+    model = fit_cost_model(spec, [p["kind"] for p in compute], [p["flops"] for p in compute],
+                           [p["bytes"] for p in compute], [p["dur_us"] for p in compute])
+    fits = {}
+    for coll in sorted({p["coll"] for p in comm}):
+        for n in sorted({p["world_size"] for p in comm if p["coll"] == coll}):
+            sel = [p for p in comm if p["coll"] == coll and p["world_size"] == n]
+            fits[(coll, n)] = fit_comm(coll, n, [p["coll_bytes"] for p in sel], [p["dur_us"] for p in sel])
+    return {
+        "format": FORMAT, "version": VERSION, "backend": backend, "world_size": world_size,
+        "device": device, "torch_version": torch_version,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "compute": model.to_json(), "comm": CommModel(fits).to_json(),
+        "points": {"compute": compute, "comm": comm},
+    }
+
+
+def calibrate(backend: str = "gloo", world_size: int = 2, sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES,
+              comm_reps: int = 15, compute_reps: int = 7, seed: int = 0) -> dict:
+    """Run both sweeps and fit; returns the calibration object."""
+    import torch
+
+    if backend not in ("gloo", "nccl"):
+        raise SimulationError(f"calibrate: backend {backend!r} not supported, expected gloo or nccl")
+    on_gpu = backend == "nccl"
+    device = (
+        {"type": "cuda", "name": torch.cuda.get_device_name(0), "threads_per_rank": 1}
+        if on_gpu else {"type": "cpu", "name": platform.processor() or platform.machine(), "threads_per_rank": 1}
+    )
+    compute = compute_points("cuda" if on_gpu else "cpu", compute_reps, seed)
+    # world size 1 too: the live code still calls the collectives there (local copies)
+    comm = comm_points(backend, 1, sizes_bytes[:: max(len(sizes_bytes) // 3, 1)], comm_reps)
+    if world_size > 1:
+        comm += comm_points(backend, world_size, sizes_bytes, comm_reps)
+    return fit_calibration(backend, world_size, device, compute, comm, torch.__version__)
+
+
+def calibration_path(path: str | os.PathLike) -> Path:
+    """CAL may name the file itself (*.json) or a directory holding calibration.json."""
+    path = Path(path)
+    return path if path.suffix == ".json" else path / CALIBRATION_JSON
+
+
+def write_calibration(cal: dict, path: str | os.PathLike) -> Path:
+    from traces.rundir import write_json_atomic
+
+    target = calibration_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return write_json_atomic(target, cal)
+
+
+def _create_hint(backend: str | None, world_size: int | None, path: Path) -> str:
+    return (f"`moesim calibrate --backend {backend or 'gloo'} --world-size {world_size or 2} "
+            f"-o {path.parent if path.name == CALIBRATION_JSON else path}`")
+
+
+def load_calibration(path: str | os.PathLike, backend: str | None = None, world_size: int | None = None
+                     ) -> tuple[dict, CostModel, CommModel]:
+    """Read and check a calibration file → (raw object, compute model, comm model).
+
+    Raises SimulationError when the file is missing (naming the command that creates it),
+    unreadable, of another format, or calibrated for another backend / world size.
+    """
+    target = calibration_path(path)
+    if not target.is_file():
+        raise SimulationError(f"{target}: no calibration; create it with {_create_hint(backend, world_size, target)}")
+    try:
+        cal = json.loads(target.read_text())
+    except json.JSONDecodeError as err:
+        raise SimulationError(f"{target}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(cal, dict) or cal.get("format") != FORMAT:
+        raise SimulationError(f"{target}: not a moesim calibration (format field {cal.get('format') if isinstance(cal, dict) else None!r})")
+    if cal.get("version") != VERSION:
+        raise SimulationError(f"{target}: calibration version {cal.get('version')}, this moesim reads {VERSION}")
+    if backend is not None and cal.get("backend") != backend or world_size is not None and cal.get("world_size") != world_size:
+        raise SimulationError(
+            f"{target}: calibrated for backend {cal.get('backend')} world size {cal.get('world_size')}, "
+            f"asked for backend {backend or cal.get('backend')} world size {world_size or cal.get('world_size')}; "
+            f"recalibrate with {_create_hint(backend, world_size, target)}"
+        )
+    compute = CostModel.from_json(cal.get("compute", {}), source=str(target))
+    comm = CommModel.from_json(cal.get("comm", []), source=str(target))
+    return cal, compute, comm
+
+
+# ---------------------------------------------------------------------------------------
+# calibration from a live trace: work from the Kineto shapes, fitted per op name and kind
+
+
+def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
+    """Fill flops / bytes of CPU ops and coll_bytes of comm ops from the run's Kineto shapes.
+
+    The normalized trace keeps no shapes, so each op is matched to its profiler event (same
+    rank and name, start within 1 µs after the rank's clock offset, which is estimated as
+    the median start − ts over ops whose (name, duration) pair is unique) and `op_work` /
+    the comm annotation's `Input Dims` give the work. Ops already carrying work, and ops
+    without a match, are left as they are.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from traces.kineto import read_trace
+    from traces.rundir import trace_files
+
+    files = [read_trace(p) for p in trace_files(run_dir)]
+    if not files:
+        raise SimulationError(f"{run_dir}: no Kineto traces to take shapes from")
+    by_rank = {}
+    for k, tf in enumerate(files):
+        rank = tf.rank if tf.rank >= 0 else k
+        by_rank[rank] = tf
+    rank_col = ops.column("rank").to_numpy()
+    names = ops.column("name").to_pylist()
+    start = ops.column("start_us").to_numpy()
+    dur = ops.column("dur_us").to_numpy()
+    kind = ops.column("kind").to_pylist()
+    flops = ops.column("flops").to_numpy().copy()
+    nbytes = ops.column("bytes").to_numpy().copy()
+    coll_bytes = ops.column("coll_bytes").to_numpy().copy()
+    for rank, tf in by_rank.items():
+        rows = np.flatnonzero(rank_col == rank)
+        ev_by_name: dict[str, list[int]] = {}
+        for i, nm in enumerate(tf.name):
+            if tf.args[i] is not None and "Input Dims" in tf.args[i]:
+                ev_by_name.setdefault(nm, []).append(i)
+        pair_ev: dict[tuple, list[int]] = {}
+        for nm, idx in ev_by_name.items():
+            for i in idx:
+                pair_ev.setdefault((nm, round(float(tf.dur_us[i]), 3)), []).append(i)
+        pair_op: dict[tuple, list[int]] = {}
+        for r in rows:
+            pair_op.setdefault((names[r], round(float(dur[r]), 3)), []).append(int(r))
+        diffs = [start[o[0]] - tf.ts_us[pair_ev[key][0]] for key, o in pair_op.items()
+                 if len(o) == 1 and len(pair_ev.get(key, ())) == 1]
+        if not diffs:
+            continue
+        offset = float(np.median(diffs))
+        ts_sorted = {}
+        for nm, idx in ev_by_name.items():
+            order = np.asarray(sorted(idx, key=lambda i: tf.ts_us[i]))
+            ts_sorted[nm] = (order, tf.ts_us[order] + offset)
+        for r in rows:
+            found = ts_sorted.get(names[r])
+            if found is None:
+                continue
+            idx, ts = found
+            j = int(np.searchsorted(ts, start[r]))
+            best = min((k for k in (j - 1, j) if 0 <= k < len(ts)), key=lambda k: abs(ts[k] - start[r]), default=None)
+            if best is None or abs(ts[best] - start[r]) > 1.0:
+                continue
+            args = tf.args[int(idx[best])]
+            if kind[r] == "comm":
+                if coll_bytes[r] <= 0:
+                    coll_bytes[r] = op_work("comm", args.get("Input Dims"), args.get("Input type")).bytes / 2
+            elif flops[r] <= 0 and nbytes[r] <= 0:
+                work = op_work(names[r], args.get("Input Dims"), args.get("Input type"))
+                flops[r], nbytes[r] = work.flops, work.bytes
+    out = ops
+    for col, values in (("flops", flops), ("bytes", nbytes), ("coll_bytes", coll_bytes)):
+        out = out.set_column(out.schema.get_field_index(col), col, pa.array(values, type=pa.float64()))
+    return out
+
+
+def fit_from_ops(ops: "pa.Table", base: CostModel, min_points: int = 3) -> CostModel:
+    """Refine `base` with fits on a trace's own compute ops (work attached): one fit per op
+    name seen at ≥ min_points distinct sizes, then per kind; `base` fills the rest."""
+    import numpy as np
+
+    kind = np.asarray(ops.column("kind").to_pylist())
+    sel = np.flatnonzero(kind == "compute")
+    names = np.asarray(ops.column("name").to_pylist())[sel]
+    f = ops.column("flops").to_numpy()[sel]
+    b = ops.column("bytes").to_numpy()[sel]
+    y = ops.column("dur_us").to_numpy()[sel]
+    has_work = (f + b) > 0
+    kinds = np.asarray([classify(n) for n in names])
+    fits = dict(base.fits)
+    by_kind = fit_cost_model(base.device, kinds[has_work], f[has_work], b[has_work], y[has_work], min_points)
+    fits.update(by_kind.fits)
+    for name in sorted(set(names[has_work].tolist())):
+        m = has_work & (names == name)
+        if len({(float(x), float(z)) for x, z in zip(f[m], b[m])}) >= min_points:
+            fits.update({name: fit_cost_model(base.device, [name] * int(m.sum()), f[m], b[m], y[m], min_points).fits[name]})
+    return CostModel(base.device, fits)

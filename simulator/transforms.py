@@ -1,0 +1,422 @@
+"""What-if transforms on a traced op graph: batch / sequence, schedule, EP world size,
+routing (zero-expert share, skew), then back to a normalized table the engine replays.
+
+    g = step_graph(ops)                         one typical step of a live trace (see below)
+    g = scale_work(g, model, token_scale, attention_scale)   batch / sequence size
+    g = set_schedule(g, "shortcut")             sequential ↔ shortcut (ScMoE overlap)
+    g = scale_experts(g, {rank: factor})        zero-expert share / routing skew
+    g = set_world_size(g, 4)                    EP world size (ranks replicated)
+    ops, gap_us = g.to_ops()                    → simulator.engine.simulate(..., gap_us=gap_us)
+
+`step_graph` turns the measured steps of a live run into one step whose op durations are
+what each op itself costs, with the time spent *waiting* removed, because the replay must
+recompute waiting for the new configuration:
+  - a collective's issuing op that returns only after the collective ends (a synchronous
+    call) keeps its time minus the collective's; its lane successor waits for the collective;
+  - when a collective ends while its rank's issuing lane sits idle (a gap) or inside a wait
+    op (`WAIT_RE`), that wait is a dependency: the op after the gap / the wait op waits for
+    the collective and keeps only the time after it ended; an async collective that ends
+    under running compute is joined at the next wait op;
+  - the idle time before each op on a lane (Python, dispatcher: `gap_us`) is kept as is;
+  - durations and gaps are medians over the measured steps (position by position: the steps
+    of a run execute the same op sequence), which removes most machine noise;
+  - collectives get group = all ranks when the trace has none, and seq = their issue order.
+Durations of collectives are left to the caller (comm model; see simulator/validate.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from simulator.costmodel import CostModel, classify
+from simulator.errors import SimulationError
+
+WAIT_RE = re.compile(r"wait", re.I)
+# Labels whose work does not grow with tokens: gradient sync and the optimizer.
+FIXED_LABEL_PREFIXES = ("grad_sync", "Optimizer", "optimizer")
+# Collectives smaller than this are metadata (split counts), not token payloads.
+METADATA_BYTES = 4096
+LAYER_LABEL_RE = re.compile(r"^L(\d+)/(\w+)$")
+
+
+@dataclass
+class StepGraph:
+    """One step's ops (index = op), lanes ordered by `pos`; deps are indices."""
+
+    rank: np.ndarray  # (N,) int
+    lane: list[str]
+    kind: list[str]
+    name: list[str]
+    label: list[str]
+    dur_us: np.ndarray  # own duration (waiting removed)
+    gap_us: np.ndarray  # host idle time before the op on its lane
+    flops: np.ndarray
+    bytes: np.ndarray
+    coll: list[str]
+    group: list[str]
+    coll_bytes: np.ndarray
+    splits: list[list[float]]
+    seq: np.ndarray
+    deps: list[list[int]]
+    pos: np.ndarray  # order within its (rank, lane)
+    steps_used: int = 1
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.name)
+
+    def copy(self) -> "StepGraph":
+        return StepGraph(**{
+            f.name: (getattr(self, f.name).copy() if isinstance(getattr(self, f.name), np.ndarray)
+                     else [list(x) if isinstance(x, list) else x for x in getattr(self, f.name)]
+                     if isinstance(getattr(self, f.name), list) else dict(self.notes) if f.name == "notes"
+                     else getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        })
+
+    def lanes(self) -> dict[tuple[int, str], list[int]]:
+        """(rank, lane) → op indices in lane order."""
+        out: dict[tuple[int, str], list[int]] = defaultdict(list)
+        for i in np.lexsort((self.pos,)).tolist():
+            out[(int(self.rank[i]), self.lane[i])].append(i)
+        return dict(out)
+
+    def to_ops(self) -> tuple[pa.Table, np.ndarray]:
+        """A normalized ops table (ids = indices; start_us only orders each lane) and the
+        per-op host gaps for `simulate(..., gap_us=...)`, in the table's row order."""
+        from traces.schema import make_ops
+
+        start = np.zeros(self.n)
+        for idx in self.lanes().values():
+            t = np.cumsum(self.gap_us[idx] + self.dur_us[idx]) - self.dur_us[idx]
+            start[idx] = t
+        ops = make_ops({
+            "id": np.arange(self.n, dtype=np.int64), "rank": self.rank.astype(np.int32), "lane": self.lane,
+            "kind": self.kind, "name": self.name, "label": self.label, "start_us": start,
+            "dur_us": np.maximum(self.dur_us, 0.0), "flops": self.flops, "bytes": self.bytes, "coll": self.coll,
+            "group": self.group, "coll_bytes": self.coll_bytes, "splits": self.splits, "seq": self.seq,
+            "step": np.zeros(self.n, dtype=np.int32), "deps": self.deps,
+        })
+        return ops, np.maximum(self.gap_us, 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# from a live trace
+
+
+def _prepare_rank_step(rows: dict[str, np.ndarray | list], idx: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray, list[list[int]]]:
+    """For one rank's ops of one step (`idx` into rows): canonical order, own durations,
+    gaps and deps (as positions in the canonical order). See the module docstring."""
+    lane = [rows["lane"][i] for i in idx]
+    start = rows["start_us"][idx]
+    dur = rows["dur_us"][idx]
+    order = sorted(range(len(idx)), key=lambda k: (lane[k], start[k], int(rows["id"][idx[k]])))
+    idx = idx[order]
+    lane = [lane[k] for k in order]
+    start, dur = start[order], dur[order]
+    end = start + dur
+    local = {int(rows["id"][i]): k for k, i in enumerate(idx)}
+    kind = [rows["kind"][i] for i in idx]
+    name = [rows["name"][i] for i in idx]
+    own = dur.copy()
+    gap = np.zeros(len(idx))
+    deps: list[list[int]] = [[local[d] for d in rows["deps"][i] if d in local] for i in idx]
+    by_lane: dict[str, list[int]] = defaultdict(list)
+    for k, ln in enumerate(lane):
+        by_lane[ln].append(k)
+    for ks in by_lane.values():
+        if kind[ks[0]] == "comm" and all(kind[k] == "comm" for k in ks):
+            continue  # comm lanes: their ops wait on issuers, not on host time
+        for a, b in zip(ks, ks[1:]):
+            gap[b] = max(start[b] - end[a], 0.0)
+    next_on_lane = {a: b for ks in by_lane.values() for a, b in zip(ks, ks[1:])}
+    joined: set[int] = set()
+    for c in (k for k in range(len(idx)) if kind[k] == "comm"):
+        issuers = [d for d in deps[c] if kind[d] != "comm"]
+        if not issuers:
+            continue
+        i = issuers[0]
+        e = end[c]
+        lane_ops = by_lane[lane[i]]
+        if end[i] >= e:  # synchronous: the issuing call returned after the collective
+            own[i] = max(own[i] - (e - max(start[c], start[i])), 0.0)
+            nxt = next_on_lane.get(i)
+            if nxt is not None:
+                deps[nxt].append(c)
+            continue
+        after = [k for k in lane_ops if start[k] > start[i]]
+        holder = next((k for k in after if start[k] <= e < end[k]), None)
+        gap_hit = next((k for k in after if start[k] > e), None)
+        if holder is None and gap_hit is not None and (gap_hit == after[0] or end[after[after.index(gap_hit) - 1]] <= e):
+            deps[gap_hit].append(c)  # idle until the collective ended: waited in a gap
+            gap[gap_hit] = max(start[gap_hit] - e, 0.0)
+        elif holder is not None and WAIT_RE.search(name[holder]):
+            deps[holder].append(c)
+            own[holder] = end[holder] - e
+            joined.add(holder)
+        else:  # finished under other work: joined by the next wait op not yet used
+            w = next((k for k in after if WAIT_RE.search(name[k]) and k not in joined and start[k] >= e), None)
+            if w is not None:
+                deps[w].append(c)
+                joined.add(w)
+    return idx.tolist(), own, gap, deps
+
+
+def step_graph(ops: pa.Table, steps: list[int] | None = None) -> StepGraph:
+    """One typical step of a live trace (module docstring); medians over `steps` (default:
+    every step ≥ 0 whose op sequence matches the most common one)."""
+    rows = {c: ops.column(c).to_numpy() if c in ("id", "rank", "start_us", "dur_us", "flops", "bytes", "coll_bytes", "seq", "step")
+            else ops.column(c).to_pylist() for c in ops.column_names}
+    step_col = rows["step"]
+    all_steps = sorted(int(s) for s in np.unique(step_col) if s >= 0) if steps is None else list(steps)
+    if not all_steps:
+        raise SimulationError("trace has no profiler steps (step column all -1); capture with a step schedule")
+    ranks = sorted(int(r) for r in np.unique(rows["rank"]))
+    prepared: dict[int, dict[int, tuple]] = {}
+    signatures: dict[int, tuple] = {}
+    for s in all_steps:
+        per_rank = {}
+        for r in ranks:
+            idx = np.flatnonzero((step_col == s) & (rows["rank"] == r))
+            per_rank[r] = _prepare_rank_step(rows, idx)
+        prepared[s] = per_rank
+        signatures[s] = tuple(
+            (r, tuple((rows["lane"][i], rows["name"][i]) for i in per_rank[r][0])) for r in ranks
+        )
+    counts: dict[tuple, int] = defaultdict(int)
+    for sig in signatures.values():
+        counts[sig] += 1
+    template_sig = max(counts, key=lambda sig: counts[sig])
+    used = [s for s in all_steps if signatures[s] == template_sig]
+    first = used[0]
+    cols: dict[str, list] = defaultdict(list)
+    offset = 0
+    for r in ranks:
+        idx0, _, _, deps0 = prepared[first][r]
+        own = np.median(np.stack([prepared[s][r][1] for s in used]), axis=0)
+        gap = np.median(np.stack([prepared[s][r][2] for s in used]), axis=0)
+        cols["own"].append(own)
+        cols["gap"].append(gap)
+        for k, i in enumerate(idx0):
+            for c in ("rank", "lane", "kind", "name", "label", "flops", "bytes", "coll", "group", "coll_bytes", "splits"):
+                cols[c].append(rows[c][i])
+            cols["deps"].append(sorted({d + offset for d in deps0[k]}))
+            cols["pos"].append(k)
+        offset += len(idx0)
+    n = offset
+    g = StepGraph(
+        rank=np.asarray(cols["rank"], dtype=np.int64), lane=cols["lane"], kind=cols["kind"], name=cols["name"],
+        label=cols["label"], dur_us=np.concatenate(cols["own"]) if n else np.zeros(0),
+        gap_us=np.concatenate(cols["gap"]) if n else np.zeros(0), flops=np.asarray(cols["flops"], dtype=float),
+        bytes=np.asarray(cols["bytes"], dtype=float), coll=cols["coll"], group=cols["group"],
+        coll_bytes=np.asarray(cols["coll_bytes"], dtype=float), splits=[list(s or []) for s in cols["splits"]],
+        seq=np.full(n, -1, dtype=np.int64), deps=cols["deps"], pos=np.asarray(cols["pos"], dtype=float),
+        steps_used=len(used), notes={"steps": used, "steps_skipped": [s for s in all_steps if s not in used]},
+    )
+    _number_collectives(g)
+    return g
+
+
+def _number_collectives(g: StepGraph) -> None:
+    """group = all ranks where missing; seq = issue order per rank (issuer's lane position)."""
+    everyone = ",".join(str(r) for r in sorted(set(g.rank.tolist())))
+    order_key = {}
+    for i in range(g.n):
+        if g.kind[i] == "comm" and g.coll[i]:
+            if not g.group[i]:
+                g.group[i] = everyone
+            issuer = next((d for d in g.deps[i] if g.kind[d] != "comm"), None)
+            order_key[i] = (g.pos[issuer] if issuer is not None else g.pos[i], g.pos[i])
+    for r in set(g.rank.tolist()):
+        mine = sorted((k for k in order_key if g.rank[k] == r), key=lambda k: order_key[k])
+        for s, k in enumerate(mine):
+            g.seq[k] = s
+
+
+# ---------------------------------------------------------------------------------------
+# transforms
+
+
+def _fixed(label: str) -> bool:
+    return label.startswith(FIXED_LABEL_PREFIXES)
+
+
+def scale_work(g: StepGraph, model: CostModel, token_scale: float, attention_scale: float | None = None) -> StepGraph:
+    """Batch / sequence what-if: work per rank grows by `token_scale` (tokens per rank,
+    new / old); attention FLOPs by `attention_scale` (prefill / train causal attention:
+    token_scale · seq_scale; default token_scale). Gradient sync and optimizer stay fixed.
+
+    Each compute op's duration is rescaled by the cost model's ratio
+    predict(new work) / predict(old work), so a fixed per-op overhead does not grow; ops
+    without known work keep min(dur, overhead) and scale the rest. Token payload
+    collectives scale their bytes; metadata ones (< METADATA_BYTES) do not.
+    """
+    if token_scale <= 0:
+        raise SimulationError(f"scale_work: token_scale must be positive, got {token_scale}")
+    attention_scale = token_scale if attention_scale is None else attention_scale
+    g = g.copy()
+    for i in range(g.n):
+        if _fixed(g.label[i]):
+            continue
+        if g.kind[i] == "comm":
+            if g.coll[i] == "all_to_all" and g.coll_bytes[i] >= METADATA_BYTES:
+                g.coll_bytes[i] *= token_scale
+                g.splits[i] = [s * token_scale for s in g.splits[i]]
+            continue
+        if g.kind[i] not in ("compute", "host", "sync", "memory"):
+            continue
+        attn = classify(g.name[i]) == "attention"
+        f_scale = attention_scale if attn else token_scale
+        g.dur_us[i] = _rescaled_us(model, g.name[i], g.dur_us[i], g.flops[i], g.bytes[i], f_scale, token_scale)
+        g.flops[i] *= f_scale
+        g.bytes[i] *= token_scale
+    g.notes.setdefault("transforms", []).append({"scale_work": {"token_scale": token_scale, "attention_scale": attention_scale}})
+    return g
+
+
+def _rescaled_us(model: CostModel, name: str, dur: float, flops: float, nbytes: float, f_scale: float, b_scale: float) -> float:
+    if flops + nbytes > 0:
+        old = model.predict_op_us(name, flops, nbytes)
+        new = model.predict_op_us(name, flops * f_scale, nbytes * b_scale)
+        if old > 0:
+            return dur * new / old
+    fixed = min(dur, model.overhead_us(name))
+    return fixed + (dur - fixed) * f_scale
+
+
+def scale_experts(g: StepGraph, model: CostModel, rows_scale: dict[int, float]) -> StepGraph:
+    """Routing what-if: FFN-expert rows on rank r grow by rows_scale[r] (zero-expert share
+    z → z': (1 − z') / (1 − z) on every rank; skew: per-rank load ratios). Scales the
+    `L*/experts` compute and the dispatch / combine payloads each rank receives / sends."""
+    g = g.copy()
+    for i in range(g.n):
+        m = LAYER_LABEL_RE.match(g.label[i])
+        if not m:
+            continue
+        s = rows_scale.get(int(g.rank[i]), 1.0)
+        if m.group(2) == "experts" and g.kind[i] == "compute":
+            g.dur_us[i] = _rescaled_us(model, g.name[i], g.dur_us[i], g.flops[i], g.bytes[i], s, s)
+            g.flops[i] *= s
+            g.bytes[i] *= s
+        elif m.group(2) in ("dispatch", "combine") and g.kind[i] == "comm" and g.coll_bytes[i] >= METADATA_BYTES:
+            g.coll_bytes[i] *= s
+            g.splits[i] = [x * s for x in g.splits[i]]
+    g.notes.setdefault("transforms", []).append({"scale_experts": {str(k): v for k, v in rows_scale.items()}})
+    return g
+
+
+def _layer_runs(g: StepGraph, lane_ops: list[int]) -> dict[int, tuple[int, int, list[tuple[str, list[int]]]]]:
+    """Per layer: (first, last) positions in lane_ops of its forward ops and the runs of
+    consecutive equal blocks; unlabelled ops join the run before them."""
+    layers: dict[int, list[int]] = defaultdict(list)
+    for p, i in enumerate(lane_ops):
+        m = LAYER_LABEL_RE.match(g.label[i])
+        if m:
+            layers[int(m.group(1))].append(p)
+    out = {}
+    for layer, ps in layers.items():
+        lo, hi = min(ps), max(ps)
+        runs: list[tuple[str, list[int]]] = []
+        for p in range(lo, hi + 1):
+            i = lane_ops[p]
+            m = LAYER_LABEL_RE.match(g.label[i])
+            block = m.group(2) if m and int(m.group(1)) == layer else (runs[-1][0] if runs else "")
+            if runs and runs[-1][0] == block:
+                runs[-1][1].append(i)
+            else:
+                runs.append((block, [i]))
+        out[layer] = (lo, hi, runs)
+    return out
+
+
+def _split_at_wait(g: StepGraph, ops_: list[int]) -> tuple[list[int], list[int]]:
+    """(issue part, wait part): the wait part starts at the last wait op of the run."""
+    waits = [k for k, i in enumerate(ops_) if WAIT_RE.search(g.name[i])]
+    if not waits:
+        return ops_, []
+    return ops_[: waits[-1]], ops_[waits[-1]:]
+
+
+def set_schedule(g: StepGraph, schedule: str) -> StepGraph:
+    """Reorder each layer's forward blocks on the issuing lane to `schedule`:
+        sequential  attn0 router dispatch(issue, wait) experts combine(issue, wait) mlp0 attn1 mlp1
+        shortcut    attn0 router dispatch(issue) mlp0 attn1 dispatch(wait) experts combine(issue) mlp1 combine(wait)
+    Dependencies stay attached to ops, so waits keep waiting for their collective."""
+    if schedule not in ("sequential", "shortcut"):
+        raise SimulationError(f"set_schedule: schedule {schedule!r}, expected sequential or shortcut")
+    g = g.copy()
+    for (rank, lane), lane_ops in g.lanes().items():
+        new_order = list(lane_ops)
+        for layer, (lo, hi, runs) in sorted(_layer_runs(g, lane_ops).items()):
+            parts: dict[str, list[int]] = defaultdict(list)
+            for block, ops_ in runs:
+                parts[block] += ops_
+            known = {"attn0", "router", "dispatch", "experts", "combine", "mlp0", "attn1", "mlp1"}
+            if not {"dispatch", "combine", "mlp0"} <= set(parts) or set(parts) - known - {""}:
+                continue  # not an MoE layer of the expected shape (or a dense one): leave it
+            d_issue, d_wait = _split_at_wait(g, parts["dispatch"])
+            c_issue, c_wait = _split_at_wait(g, parts["combine"])
+            head = parts[""] if runs[0][0] == "" else []
+            if schedule == "shortcut":
+                seq = [head, parts["attn0"], parts["router"], d_issue, parts["mlp0"], parts["attn1"], d_wait,
+                       parts["experts"], c_issue, parts["mlp1"], c_wait]
+            else:
+                seq = [head, parts["attn0"], parts["router"], d_issue, d_wait, parts["experts"], c_issue, c_wait,
+                       parts["mlp0"], parts["attn1"], parts["mlp1"]]
+            flat = [i for part in seq for i in part]
+            if sorted(flat) != sorted(lane_ops[lo: hi + 1]):
+                continue  # unlabelled ops inside the layer we could not place: leave it
+            new_order[lo: hi + 1] = flat
+        for p, i in enumerate(new_order):
+            g.pos[i] = p
+    g.notes.setdefault("transforms", []).append({"set_schedule": schedule})
+    return g
+
+
+def set_world_size(g: StepGraph, world_size: int) -> StepGraph:
+    """EP world size what-if: rank r' runs a copy of rank r' mod W's graph; collectives span
+    all new ranks. Pair with scale_work(token_scale = W / W') for a fixed global batch
+    (each rank then holds W / W' times the tokens and experts' rows)."""
+    if world_size < 1:
+        raise SimulationError(f"set_world_size: world size must be ≥ 1, got {world_size}")
+    old_ranks = sorted(set(g.rank.tolist()))
+    w_old = len(old_ranks)
+    everyone = ",".join(str(r) for r in range(world_size))
+    pieces = []
+    for r_new in range(world_size):
+        src = old_ranks[r_new % w_old]
+        idx = np.flatnonzero(g.rank == src)
+        pieces.append((r_new, idx))
+    remap_all = []
+    offset = 0
+    for r_new, idx in pieces:
+        remap_all.append({int(i): offset + k for k, i in enumerate(idx)})
+        offset += len(idx)
+    cols: dict[str, list] = defaultdict(list)
+    for (r_new, idx), remap in zip(pieces, remap_all):
+        for i in idx.tolist():
+            cols["rank"].append(r_new)
+            for c in ("lane", "kind", "name", "label", "coll", "splits"):
+                cols[c].append(getattr(g, c)[i])
+            cols["group"].append(everyone if g.coll[i] else g.group[i])
+            for c in ("dur_us", "gap_us", "flops", "bytes", "coll_bytes", "seq", "pos"):
+                cols[c].append(getattr(g, c)[i])
+            cols["deps"].append([remap[d] for d in g.deps[i] if d in remap])
+    out = StepGraph(
+        rank=np.asarray(cols["rank"], dtype=np.int64), lane=cols["lane"], kind=cols["kind"], name=cols["name"],
+        label=cols["label"], dur_us=np.asarray(cols["dur_us"], dtype=float), gap_us=np.asarray(cols["gap_us"], dtype=float),
+        flops=np.asarray(cols["flops"], dtype=float), bytes=np.asarray(cols["bytes"], dtype=float), coll=cols["coll"],
+        group=cols["group"], coll_bytes=np.asarray(cols["coll_bytes"], dtype=float),
+        splits=[[] for _ in cols["splits"]],  # per-peer splits no longer fit the new group size
+        seq=np.asarray(cols["seq"], dtype=np.int64), deps=cols["deps"], pos=np.asarray(cols["pos"], dtype=float),
+        steps_used=g.steps_used, notes=dict(g.notes),
+    )
+    out.notes.setdefault("transforms", []).append({"set_world_size": world_size})
+    return out
