@@ -1,0 +1,657 @@
+"""Live capture: LongCat-Flash on N expert-parallel ranks under torch.profiler → a run dir.
+
+    capture(spec)             spawn `spec.world_size` ranks on this machine (one process each,
+                              a TCPStore on a port the OS picks, so runs never collide), or, when
+                              started by torchrun (RANK / WORLD_SIZE / MASTER_ADDR set), run this
+                              process's rank only: the same command then scales past one machine.
+    spawn_ranks(fn, ...)      the launcher on its own: run fn(rank, world_size, device, *args)
+                              on every rank with a process group, a deadline and error reports.
+
+Each rank builds the same model from the same seed, applies `model.parallel` (experts sharded,
+attention and dense MLPs data-parallel: every rank its own `batch / world_size` sequences), runs
+`warmup + steps` steps of the mode (prefill, decode or train) with one intra-op thread by default,
+and writes `RUN/rank{r}.pt.trace.json.gz` (Kineto; a `ProfilerStep#k` span per profiled step,
+sub-blocks labelled `L{layer}/{block}` by model.parallel). Rank 0 gathers every rank's step
+times, routing statistics and dispatch split sizes and writes `RUN/run.json`.
+
+A rank that raises makes `capture` raise RankFailure naming the rank and its error; a rank that
+does not finish by the deadline (`timeout_s`, counted from launch) likewise, with the step it
+last started. The other ranks are stopped; traces that ranks finished writing are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gzip
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from traces.errors import TraceError
+from traces.rundir import RUN_JSON, TRACE_FILE_RE, rank_trace_name, write_json_atomic
+
+SCHEDULES = ("sequential", "shortcut")
+MODES = ("prefill", "decode", "train")
+BACKENDS = ("auto", "gloo", "nccl")
+RUN_JSON_VERSION = 1
+
+
+class CaptureError(TraceError):
+    """Capture arguments that cannot describe a run (the CLI prints one line, exit 2)."""
+
+
+class RankFailure(RuntimeError):
+    """A rank raised or did not finish in time; the message names the rank and the reason."""
+
+
+@dataclasses.dataclass
+class CaptureSpec:
+    """One live run. `batch` is the global batch in sequences, split evenly over the ranks."""
+
+    out_dir: str
+    preset: str = "tiny"
+    world_size: int = 2
+    schedule: str = "shortcut"  # one of SCHEDULES
+    mode: str = "prefill"  # one of MODES
+    batch: int = 2  # global sequences per step; each rank runs batch / world_size
+    seq: int = 16  # prefill/train: tokens per sequence; decode: new tokens per step
+    context: int = 0  # decode: cached tokens in front of each step's new tokens
+    steps: int = 5  # measured (profiled) steps
+    warmup: int = 2  # steps run first, excluded from timing and from the trace
+    threads: int = 1  # intra-op threads per rank
+    timeout_s: float = 600.0  # deadline for the whole run, from launch
+    profiler: bool = True  # False: same steps without torch.profiler (overhead check)
+    backend: str = "auto"  # auto: nccl where CUDA is available, else gloo
+    seed: int = 0
+    fault: str = ""  # tests only: "raise:R", "hang:R" or "raise-after-trace:R"
+
+
+def validate_spec(spec: CaptureSpec) -> None:
+    """Raise CaptureError naming the first argument that cannot work (model checks come later)."""
+
+    def bad(field: str, value: object, expected: str) -> None:
+        raise CaptureError(f"--{field.replace('_', '-')} {value}: expected {expected}")
+
+    if spec.world_size < 1:
+        bad("world_size", spec.world_size, "at least 1")
+    if spec.schedule not in SCHEDULES:
+        bad("schedule", spec.schedule, " or ".join(SCHEDULES))
+    if spec.mode not in MODES:
+        bad("mode", spec.mode, ", ".join(MODES))
+    if spec.backend not in BACKENDS:
+        bad("backend", spec.backend, ", ".join(BACKENDS))
+    if spec.batch < 1 or spec.batch % spec.world_size:
+        bad("batch", spec.batch, f"a positive multiple of the world size {spec.world_size}")
+    if spec.seq < 1:
+        bad("seq", spec.seq, "at least 1")
+    if spec.mode == "train" and spec.seq < 2:
+        bad("seq", spec.seq, "at least 2 in train mode (next-token targets)")
+    if spec.context < 0:
+        bad("context", spec.context, "at least 0")
+    if spec.steps < 1:
+        bad("steps", spec.steps, "at least 1")
+    if spec.warmup < 0:
+        bad("warmup", spec.warmup, "at least 0")
+    if spec.threads < 1:
+        bad("threads", spec.threads, "at least 1")
+    if not spec.timeout_s > 0:
+        bad("timeout", spec.timeout_s, "a positive number of seconds")
+    if spec.fault and not _parse_fault(spec.fault):
+        bad("inject_fault", spec.fault, "raise:RANK, hang:RANK or raise-after-trace:RANK")
+
+
+def _parse_fault(fault: str) -> tuple[str, int] | None:
+    kind, _, rank = fault.partition(":")
+    if kind in ("raise", "hang", "raise-after-trace") and rank.isdigit():
+        return kind, int(rank)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_backend(backend: str) -> str:
+    import torch
+
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise CaptureError("--backend nccl: CUDA is not available on this machine")
+    return backend
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def spawn_ranks(
+    fn: Callable[..., None],
+    world_size: int,
+    args: tuple,
+    *,
+    backend: str,
+    timeout_s: float,
+    status_dir: str | os.PathLike,
+    threads: int = 1,
+) -> None:
+    """Run `fn(rank, world_size, device, *args)` on `world_size` spawned ranks and wait.
+
+    fn must be a module-level function (spawned processes import it). Each rank has the
+    default process group initialised (`backend`, collectives time out at the deadline).
+    Ranks write their errors and progress to hidden files in `status_dir`. Raises RankFailure
+    when a rank raises (its error's last line, plus a hint where its traceback is) or when the
+    deadline passes (the ranks still running and the step each last started).
+    """
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    status_dir = Path(status_dir)
+    status_dir.mkdir(parents=True, exist_ok=True)
+    for r in range(world_size):
+        for path in (_error_path(status_dir, r), _progress_path(status_dir, r)):
+            path.unlink(missing_ok=True)
+    # The parent hosts the rendezvous store on a port the OS picks: two runs never collide.
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    deadline = time.monotonic() + timeout_s
+    context = mp.start_processes(
+        _spawned_rank,
+        args=(fn, world_size, store.port, backend, timeout_s, threads, str(status_dir), args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    try:
+        while not context.join(timeout=max(0.05, min(1.0, deadline - time.monotonic())), grace_period=2.0):
+            if time.monotonic() >= deadline:
+                running = [r for r, p in enumerate(context.processes) if p.is_alive()]
+                where = ", ".join(f"rank {r} ({_read_progress(status_dir, r)})" for r in running)
+                raise RankFailure(f"did not finish within {timeout_s:g} s: {where}; all ranks stopped")
+    except ProcessException as err:
+        raise RankFailure(_first_error(status_dir, world_size, err)) from None
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in context.processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        del store
+
+
+def _spawned_rank(
+    rank: int,
+    fn: Callable[..., None],
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout_s: float,
+    threads: int,
+    status_dir: str,
+    args: tuple,
+) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    # Collectives time out later than the launcher's deadline, so a hang is reported as one.
+    timeout = datetime.timedelta(seconds=timeout_s + 60)
+    try:
+        device = _rank_device(backend, rank)
+        store = dist.TCPStore("127.0.0.1", port, world_size, False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        fn(rank, world_size, device, *args)
+        dist.barrier()  # nobody tears the group down while a peer still needs it
+        dist.destroy_process_group()
+    except BaseException as err:
+        _write_error(Path(status_dir), rank, err)
+        raise
+
+
+def _run_torchrun_rank(fn: Callable[..., None], backend: str, timeout_s: float, threads: int, status_dir: str, args: tuple) -> None:
+    """This process is one rank started by torchrun: env:// rendezvous, same body as spawned."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    try:
+        device = _rank_device(backend, local_rank)
+        dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))  # torchrun's agent owns the deadline
+        fn(rank, world_size, device, *args)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as err:
+        _write_error(Path(status_dir), rank, err)
+        raise
+
+
+def _rank_device(backend: str, local_rank: int):
+    import torch
+
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def _error_path(status_dir: Path, rank: int) -> Path:
+    return status_dir / f".rank{rank}.error"
+
+
+def _progress_path(status_dir: Path, rank: int) -> Path:
+    return status_dir / f".rank{rank}.progress"
+
+
+def report_progress(status_dir: str | os.PathLike, rank: int, where: str) -> None:
+    """Record what a rank is doing now (read back when it hangs)."""
+    _progress_path(Path(status_dir), rank).write_text(where)
+
+
+def _read_progress(status_dir: Path, rank: int) -> str:
+    try:
+        return "last at " + _progress_path(status_dir, rank).read_text()
+    except OSError:
+        return "never started"
+
+
+def _write_error(status_dir: Path, rank: int, err: BaseException) -> None:
+    if isinstance(err, KeyboardInterrupt):  # stopped by the launcher, not a failure of its own
+        return
+    line = "".join(traceback.format_exception_only(type(err), err)).strip().splitlines()[-1]
+    record = {"time": time.time(), "rank": rank, "error": line, "traceback": traceback.format_exc()}
+    try:
+        _error_path(status_dir, rank).write_text(json.dumps(record))
+    except OSError:
+        pass
+
+
+def _first_error(status_dir: Path, world_size: int, err: BaseException) -> str:
+    """The earliest error any rank recorded: peers of a failed rank fail after it, in comm."""
+    records = []
+    for r in range(world_size):
+        try:
+            records.append(json.loads(_error_path(status_dir, r).read_text()))
+        except (OSError, ValueError):
+            continue
+    if not records:
+        return f"rank {getattr(err, 'error_index', '?')}: {str(err).strip().splitlines()[-1]}"
+    first = min(records, key=lambda rec: rec["time"])
+    return f"rank {first['rank']} failed: {first['error']} (traceback in {_error_path(status_dir, first['rank'])})"
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank's run
+# ---------------------------------------------------------------------------------------------
+
+
+def capture(spec: CaptureSpec) -> Path:
+    """Run `spec` and return the run dir holding run.json and one trace per rank."""
+    validate_spec(spec)
+    backend = resolve_backend(spec.backend)
+    out_dir = Path(spec.out_dir)
+    from model.config import LongcatConfig  # noqa: F401 - fail early on an unknown preset
+
+    _check_model_fits(spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if launched_by_torchrun():
+        if int(os.environ["WORLD_SIZE"]) != spec.world_size:
+            raise CaptureError(
+                f"--world-size {spec.world_size}: torchrun started {os.environ['WORLD_SIZE']} ranks"
+            )
+        _run_torchrun_rank(_capture_rank, backend, spec.timeout_s, spec.threads, str(out_dir), (spec,))
+        return out_dir
+    _clear_run_dir(out_dir, spec.world_size)
+    spawn_ranks(
+        _capture_rank,
+        spec.world_size,
+        (spec,),
+        backend=backend,
+        timeout_s=spec.timeout_s,
+        status_dir=out_dir,
+        threads=spec.threads,
+    )
+    return out_dir
+
+
+def _check_model_fits(spec: CaptureSpec) -> None:
+    """Model-level argument checks, in the parent, so they fail before anything spawns."""
+    from model.config import LongcatConfig
+
+    config = LongcatConfig.preset(spec.preset)
+    n_experts = config.n_routed_experts
+    if n_experts % spec.world_size:
+        raise CaptureError(
+            f"--world-size {spec.world_size}: preset {spec.preset!r} has {n_experts} FFN experts, "
+            "which must split evenly over the ranks"
+        )
+    tokens = spec.context + spec.seq + (spec.warmup + spec.steps if spec.mode == "decode" else 0)
+    if tokens > config.max_position_embeddings:
+        raise CaptureError(
+            f"--seq/--context: {tokens} positions exceed max_position_embeddings "
+            f"{config.max_position_embeddings} of preset {spec.preset!r}"
+        )
+
+
+def _clear_run_dir(out_dir: Path, world_size: int) -> None:
+    """Remove what an earlier run left (traces of any rank, run.json), so nothing mixes."""
+    for path in out_dir.iterdir():
+        if path.is_file() and (path.name == RUN_JSON or TRACE_FILE_RE.match(path.name)):
+            path.unlink()
+
+
+def _capture_rank(rank: int, world_size: int, device: Any, spec: CaptureSpec) -> None:
+    """The body of one rank: build, warm up, run the profiled steps, export, gather."""
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    out_dir = Path(spec.out_dir)
+    fault = _parse_fault(spec.fault) if spec.fault else None
+    report_progress(out_dir, rank, "setup")
+    workload = build_workload(spec, rank, world_size, device)
+    trace_path = out_dir / rank_trace_name(rank)
+
+    def export(prof: Any) -> None:
+        tmp = out_dir / f".rank{rank}.partial.json.gz"  # export_chrome_trace gzips on ".gz"
+        prof.export_chrome_trace(str(tmp))
+        os.replace(tmp, trace_path)
+
+    prof = None
+    if spec.profiler:
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        prof = profile(
+            activities=activities,
+            record_shapes=True,
+            # The last warmup step also warms the profiler up; the rest run with it off.
+            schedule=schedule(wait=max(spec.warmup - 1, 0), warmup=min(spec.warmup, 1), active=spec.steps, repeat=1),
+            on_trace_ready=export,
+        )
+        prof.start()
+    step_times_us = []
+    for step in range(spec.warmup + spec.steps):
+        report_progress(out_dir, rank, f"step {step} of {spec.warmup + spec.steps}")
+        if fault and fault[1] == rank and step == spec.warmup:
+            if fault[0] == "raise":
+                raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+            if fault[0] == "hang":
+                while True:  # a rank stuck outside any collective
+                    time.sleep(0.05)
+        workload.begin_step(measured=step >= spec.warmup)
+        start_ns = time.perf_counter_ns()
+        workload.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_times_us.append((time.perf_counter_ns() - start_ns) / 1e3)
+        if prof is not None:
+            prof.step()
+    if prof is not None:
+        prof.stop()
+    report_progress(out_dir, rank, "gather")
+    if fault and fault == ("raise-after-trace", rank):
+        raise RuntimeError(f"injected fault on rank {rank} after its trace")
+    result = {
+        "rank": rank,
+        "step_times_us": step_times_us[spec.warmup :],
+        "device": _device_name(device),
+        "host": platform.node(),
+        "records": workload.records(),
+    }
+    results: list[Any] = [None] * world_size
+    dist.all_gather_object(results, result)
+    if rank == 0:
+        run = build_run_json(spec, workload, dist.get_backend(), results)
+        write_json_atomic(out_dir / RUN_JSON, run)
+    _progress_path(out_dir, rank).unlink(missing_ok=True)
+
+
+def _device_name(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def build_run_json(spec: CaptureSpec, workload: Any, backend: str, results: list[dict]) -> dict:
+    """run.json: the stable keys of DESIGN.md plus what this live run measured."""
+    import torch
+
+    results = sorted(results, key=lambda r: r["rank"])
+    step_times = {str(r["rank"]): [round(t, 3) for t in r["step_times_us"]] for r in results}
+    # A synchronous step lasts as long as its slowest rank.
+    per_step = [max(ts) for ts in zip(*(r["step_times_us"] for r in results))]
+    run = {
+        "run_json_version": RUN_JSON_VERSION,
+        "source": "live",
+        "preset": spec.preset,
+        "config": workload.config_dict(),
+        "schedule": spec.schedule,
+        "mode": spec.mode,
+        "world_size": spec.world_size,
+        "backend": backend,
+        "step_times_us": step_times,
+        "step_time_us_median": statistics.median(per_step),
+        "step_time_us_min": min(per_step),
+        "step_time_us_max": max(per_step),
+        "step_time_us_per_rank_median": {str(r["rank"]): statistics.median(r["step_times_us"]) for r in results},
+        "parallel": {"expert_parallel": spec.world_size, "data_parallel": spec.world_size, "experts_per_rank": workload.experts_per_rank},
+        "batch": spec.batch,
+        "batch_per_rank": spec.batch // spec.world_size,
+        "seq": spec.seq,
+        "context": spec.context,
+        "tokens_per_step": workload.tokens_per_step * spec.world_size,
+        "steps": spec.steps,
+        "warmup": spec.warmup,
+        "threads": spec.threads,
+        "profiler": spec.profiler,
+        "seed": spec.seed,
+        "devices": {str(r["rank"]): r["device"] for r in results},
+        "hosts": {str(r["rank"]): r["host"] for r in results},
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "launcher": "torchrun" if launched_by_torchrun() else "spawn",
+        "command": " ".join(sys.argv),
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    run.update(workload.summarise_records([r["records"] for r in results]))
+    return run
+
+
+class Workload:
+    """One rank's model, data and step for `spec.mode`, expert-parallel over the default group.
+
+    prefill: forward of batch/world sequences of `seq` tokens, no grad.
+    decode:  `seq` new tokens per sequence on top of `context` cached ones; the cache is filled
+             once (untimed) and cut back to `context` before every step, so steps are alike.
+    train:   forward, next-token cross entropy (loss / world, so gradients are the global
+             mean's), backward, dense-gradient all-reduce, AdamW step.
+    Every step draws a fresh global batch from a generator seeded with `spec.seed + step` on
+    every rank; rank r runs rows [r*b, (r+1)*b).
+    """
+
+    def __init__(self, spec: CaptureSpec, rank: int, world_size: int, device: Any) -> None:
+        import torch
+
+        from model.config import LongcatConfig
+        from model.longcat import LongcatFlash
+        from model.parallel import apply_expert_parallel
+
+        self.spec, self.rank, self.world_size, self.device = spec, rank, world_size, device
+        self.config = LongcatConfig.preset(spec.preset)
+        model = LongcatFlash(self.config, generator=torch.Generator().manual_seed(spec.seed))
+        self.model = apply_expert_parallel(model, None, spec.schedule).to(device)
+        self.experts_per_rank = self.model.expert_parallel.experts_per_rank
+        self.batch_per_rank = spec.batch // world_size
+        self.tokens_per_step = self.batch_per_rank * spec.seq
+        self.step_index = 0
+        self._measured = False
+        self._records: list[dict] = []
+        _label_model_edges(self.model)
+        self.optimizer = None
+        if spec.mode == "train":
+            self.model.train()
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        else:
+            self.model.eval()
+        self.cache = None
+        if spec.mode == "decode":
+            self.cache = self.model.new_cache()
+            if spec.context:
+                with torch.no_grad():
+                    self.model(self._tokens(-1, spec.context), cache=self.cache)
+
+    def _tokens(self, step: int, length: int) -> Any:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + step + 1)
+        tokens = torch.randint(0, self.config.vocab_size, (self.spec.batch, length), generator=generator)
+        b = self.batch_per_rank
+        return tokens[self.rank * b : (self.rank + 1) * b].to(self.device)
+
+    def begin_step(self, measured: bool) -> None:
+        """Untimed per-step preparation: records on/off, decode cache cut back to the context."""
+        self._measured = measured
+        self.model.expert_parallel.records = [] if measured else None
+        if self.cache is not None:
+            for index in range(len(self.cache.c_kv)):
+                if self.cache.c_kv[index] is not None:
+                    self.cache.c_kv[index] = self.cache.c_kv[index][:, : self.spec.context]
+                    self.cache.k_rope[index] = self.cache.k_rope[index][:, : self.spec.context]
+                    if self.spec.context == 0:
+                        self.cache.c_kv[index] = self.cache.k_rope[index] = None
+
+    def step(self) -> None:
+        import torch
+        from torch.profiler import record_function
+
+        tokens = self._tokens(self.step_index, self.spec.seq)
+        self.step_index += 1
+        if self.spec.mode != "train":
+            with torch.no_grad():
+                self.model(tokens, cache=self.cache)
+        else:
+            logits = self.model(tokens).logits
+            with record_function("loss"):
+                loss = next_token_loss(logits, tokens) / self.world_size
+            with record_function("backward"):
+                loss.backward()
+            from model.parallel import sync_dense_grads
+
+            sync_dense_grads(self.model)
+            with record_function("optimizer"):
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if self._measured:
+            self._records.extend(self.model.expert_parallel.records)
+
+    def records(self) -> list[dict]:
+        return self._records
+
+    def config_dict(self) -> dict:
+        return self.config.to_dict()
+
+    def summarise_records(self, per_rank: list[list[dict]]) -> dict:
+        """run.json's routing statistics and dispatch split sizes from every rank's records."""
+        return summarise_routing(per_rank, self.config.n_routed_experts, self.config.moe_topk, self.world_size)
+
+
+def build_workload(spec: CaptureSpec, rank: int, world_size: int, device: Any) -> Workload:
+    return Workload(spec, rank, world_size, device)
+
+
+def next_token_loss(logits_BTV: Any, tokens_BT: Any) -> Any:
+    """Mean cross entropy of token t+1 given tokens ..t (the model's own loss formula)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(
+        logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float(), tokens_BT[:, 1:].reshape(-1)
+    )
+
+
+def _label_model_edges(model: Any) -> None:
+    """`embed` around the embedding, `head` around the final norm + lm_head, via module hooks
+    (the model code stays free of profiler calls)."""
+    from torch.profiler import record_function
+
+    def around(first: Any, last: Any, label: str) -> None:
+        open_spans: list[Any] = []
+
+        def enter(module: Any, args: Any) -> None:
+            span = record_function(label)
+            span.__enter__()
+            open_spans.append(span)
+
+        def leave(module: Any, args: Any, output: Any) -> None:
+            if open_spans:
+                open_spans.pop().__exit__(None, None, None)
+
+        first.register_forward_pre_hook(enter)
+        last.register_forward_hook(leave)
+
+    around(model.model.embed_tokens, model.model.embed_tokens, "embed")
+    around(model.model.norm, model.lm_head, "head")
+
+
+def summarise_routing(per_rank: list[list[dict]], n_routed_experts: int, top_k: int, world_size: int) -> dict:
+    """Per-layer routing statistics over all ranks and measured steps, and the split sizes.
+
+    Returns {"routing": {layer: {...}}, "dispatch_send_rows": {rank: [[rows to each peer] per
+    MoE forward, in execution order]}, "dispatch_layers": [layer of each forward]}.
+    """
+    layers: dict[int, dict] = {}
+    for records in per_rank:
+        for rec in records:
+            acc = layers.setdefault(rec["layer"], {"tokens": 0, "tokens_per_expert": None, "hist": None})
+            acc["tokens"] += rec["tokens"]
+            for key, src in (("tokens_per_expert", "tokens_per_expert"), ("hist", "ffn_experts_per_token_hist")):
+                acc[key] = list(rec[src]) if acc[key] is None else [a + b for a, b in zip(acc[key], rec[src])]
+    routing = {}
+    n_local = n_routed_experts // world_size
+    for layer, acc in sorted(layers.items()):
+        ffn = acc["tokens_per_expert"][:n_routed_experts]
+        zero_slots = sum(acc["tokens_per_expert"][n_routed_experts:])
+        hist = acc["hist"]
+        tokens = acc["tokens"]
+        mean_ffn = sum(k * c for k, c in enumerate(hist)) / tokens if tokens else 0.0
+        device_rows = [sum(ffn[r * n_local : (r + 1) * n_local]) for r in range(world_size)]
+        routing[str(layer)] = {
+            "tokens": tokens,
+            "ffn_experts_per_token_mean": mean_ffn,
+            "ffn_experts_per_token_hist": hist,
+            "zero_expert_share": zero_slots / (tokens * top_k) if tokens else 0.0,
+            "tokens_per_expert": acc["tokens_per_expert"],
+            "expert_load_max_over_mean": _max_over_mean(ffn),
+            "rank_load_rows": device_rows,
+            "rank_load_max_over_mean": _max_over_mean(device_rows),
+        }
+    return {
+        "routing": routing,
+        "dispatch_send_rows": {str(r): [rec["send_rows"] for rec in records] for r, records in enumerate(per_rank)},
+        "dispatch_layers": [rec["layer"] for rec in per_rank[0]] if per_rank else [],
+    }
+
+
+def _max_over_mean(loads: list[int]) -> float:
+    mean = sum(loads) / len(loads) if loads else 0.0
+    return max(loads) / mean if mean > 0 else 0.0
+
+
+def read_trace(path: str | os.PathLike) -> dict:
+    """Load one gzipped Kineto trace (for tests and quick looks)."""
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
