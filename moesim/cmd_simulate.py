@@ -1,6 +1,8 @@
 """`moesim simulate`: replay a traced run on a cluster model and write a simulated run dir.
 
     moesim simulate --trace RUN --cluster NAME [--gpus N] -o SIMRUN [--comm-from-trace] [--seed S]
+    moesim simulate --preset MODEL --cluster NAME --gpus N --mode decode --context C --batch-per-gpu B
+                    --schedule sbo [--mtp-accept 0.9] [--price-per-gpu-hour 2] -o SIMRUN   (simulator/whatif.py)
 
 The trace branch lives in `_run_trace`; analytic workloads (`--preset ...`, issue 8) add their
 own branch in `run()` and reuse `_cluster_for` / `_report`.
@@ -27,6 +29,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow-model", choices=["auto", "exact", "aggregate"], default="auto",
                         help="per-pair flows (exact), one flow per collective phase (aggregate), or by size (auto)")
     parser.add_argument("--no-gaps", action="store_true", help="drop the host gaps the trace shows between ops")
+    # analytic what-if (issue 8): the options map onto simulator/workload.py ParallelPlan fields
+    g = parser.add_argument_group("analytic what-if (--preset)")
+    g.add_argument("--preset", default=None, help="model: a LongCat preset (longcat-flash, small, tiny) or a baseline "
+                   "(deepseek-v3, qwen3-235b-a22b, kimi-k2, scmoe-gpt)")
+    g.add_argument("--mode", choices=["prefill", "decode", "train"], default="decode")
+    g.add_argument("--context", type=int, default=4096, help="decode: cached tokens per sequence; prefill/train: sequence length")
+    g.add_argument("--batch-per-gpu", type=int, default=8, help="decode: concurrent sequences per GPU; prefill/train: sequences per GPU per step")
+    g.add_argument("--schedule", choices=["sequential", "tbo", "sbo"], default="sbo")
+    g.add_argument("--layout", choices=["shortcut", "conventional"], default=None, help="override the model's MoE layout")
+    g.add_argument("--mtp-accept", type=float, default=None, help="decode with one MTP draft token accepted at this rate")
+    g.add_argument("--price-per-gpu-hour", type=float, default=2.0, help="USD, for $/M output tokens")
+    g.add_argument("--train-tokens", type=float, default=20e12, help="training: token budget for the days estimate")
+    g.add_argument("--ep", type=int, default=0, help="expert-parallel group size (default: all GPUs of a stage, at most the expert count)")
+    g.add_argument("--tp", type=int, default=1, help="attention tensor parallelism")
+    g.add_argument("--pp", type=int, default=1, help="pipeline stages (training)")
+    g.add_argument("--micro-batches", type=int, default=0, help="training micro-batches per step (default 2 x pp)")
+    g.add_argument("--weight-bytes", type=float, default=2.0, help="bytes per weight (2 = BF16, 1 = FP8)")
+    g.add_argument("--routing", choices=["uniform", "zipf", "replay"], default="uniform", help="expert choice")
+    g.add_argument("--zipf-s", type=float, default=1.0)
+    g.add_argument("--routing-record", default=None, help="routing record JSON or moesim train log (train_log.csv)")
+    g.add_argument("--k-mean", type=float, default=8.0, help="mean FFN experts per token (zero-expert models)")
+    g.add_argument("--k-std", type=float, default=3.0, help="their spread (std)")
+    g.add_argument("--no-traces", action="store_true", help="skip the Kineto trace files (large at 1000+ GPUs)")
+    g.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
 
 
 def _cluster_for(name: str, ranks: int, gpus: int | None, cores: int | None):
@@ -104,6 +130,10 @@ def _run_trace(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.trace is not None:
         return _run_trace(args)
+    if args.preset is not None:  # analytic what-if: logic in simulator/whatif.py
+        from simulator.whatif import run_from_args
+
+        return run_from_args(args)
     from moesim.cli import UsageError
 
-    raise UsageError("nothing to simulate: give --trace RUN (a run dir with ops.parquet)")
+    raise UsageError("nothing to simulate: give --trace RUN (a run dir with ops.parquet) or --preset MODEL")

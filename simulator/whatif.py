@@ -42,7 +42,7 @@ def memory_per_gpu_bytes(arch: MoeArch, plan: ParallelPlan) -> dict[str, float]:
     stage_layers = range(0, -(-arch.num_layers // plan.pp))
     experts_here = arch.n_routed_experts / plan.ep_size
     params = sum(arch.layer_params(i, experts_here) for i in stage_layers)
-    params += 2 * arch.vocab_size * arch.hidden_size / (plan.pp if plan.pp > 1 else 1)
+    params += (2 * arch.vocab_size * arch.hidden_size + arch.hidden_size) / plan.pp
     if plan.mtp:
         params += arch.layer_params(0, 0) + arch.hidden_size * 2 * arch.hidden_size
     out = {"weights": params * plan.weight_bytes}
@@ -183,11 +183,14 @@ def run_whatif(
     price_per_gpu_hour: float = 2.0,
     train_tokens: float = 20e12,
     write_traces: bool = True,
+    metric_ranks: int = 32,
 ) -> dict:
     """Simulate one step of `preset` under `plan` on `cluster_name` (a preset name or a
     Cluster with plan.gpus GPUs). Writes a run dir when `out_dir` is given. Returns the
     metrics dict (the metrics.json object plus throughput / cost / routing keys and
-    `timing_s`, the wall time of each phase)."""
+    `timing_s`, the wall time of each phase). Overlap figures (metrics `ranks`, `labels`)
+    are computed on all ranks up to `metric_ranks` GPUs, else on that many sampled ranks
+    (always rank 0 and the straggler; `metrics_ranks_sampled` lists them); 0 = all."""
     from simulator.cluster import get_cluster
     from simulator.engine import simulate
     from traces.overlap import compute_metrics
@@ -213,10 +216,17 @@ def run_whatif(
     sim = simulate(w.ops, cluster, seed=seed, compute_time=roofline_compute_time)
     timing["simulate_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    metrics = compute_metrics(sim)
-    timing["metrics_s"] = time.perf_counter() - t2
     ends = sim.column("start_us").to_numpy() + sim.column("dur_us").to_numpy()
     step_us = float(ends.max()) if ends.size else 0.0
+    sample = _metric_ranks(sim, ends, metric_ranks)
+    if sample is None:
+        metrics = compute_metrics(sim)
+    else:  # overlap figures on a sample of ranks (rank 0, the straggler, evenly spaced others)
+        import pyarrow.compute as pc
+
+        metrics = compute_metrics(sim.filter(pc.is_in(sim.column("rank"), pa.array(sample, pa.int32()))))
+        metrics["metrics_ranks_sampled"] = sample
+    timing["metrics_s"] = time.perf_counter() - t2
     metrics["step_time_us"] = step_us
     ranks = metrics.get("ranks", {})
     if ranks:
@@ -238,6 +248,23 @@ def run_whatif(
     timing["total_s"] = time.perf_counter() - t0
     metrics["timing_s"] = timing
     return metrics
+
+
+def _metric_ranks(sim: pa.Table, ends: np.ndarray, limit: int) -> list[int] | None:
+    """None (all ranks) up to `limit` ranks; else rank 0, the last rank to finish, and
+    evenly spaced others, `limit` in all."""
+    ranks = sim.column("rank").to_numpy()
+    n = int(ranks.max()) + 1 if ranks.size else 0
+    if limit <= 0 or n <= limit:
+        return None
+    last = np.zeros(n)
+    np.maximum.at(last, ranks, ends)
+    picks = {0, int(np.argmax(last))}
+    for r in np.linspace(0, n - 1, limit).astype(int):
+        if len(picks) >= limit:
+            break
+        picks.add(int(r))
+    return sorted(picks)
 
 
 def _plan_dict(plan: ParallelPlan) -> dict:
@@ -317,3 +344,83 @@ def summary_lines(m: dict) -> list[str]:
             lines.append(f"  {block:9s} comm {b['comm_us']:9.1f} us, hidden {b['hidden_comm_us']:9.1f} us"
                          + (f" ({pct:.0f}%)" if pct is not None else ""))
     return lines
+
+
+# ----------------------------------------------------------------------------- CLI glue
+def routing_from_file(path: str | Path, arch: MoeArch, choice: str = "replay") -> "RoutingSpec":
+    """A RoutingSpec from a `moesim train` log (train_log.csv: the last fifth of the steps'
+    ffn_experts_per_token / ffn_experts_std) or a routing record JSON:
+    {"ffn_experts_per_token": [k per token, ...] (or per layer: [[...], ...]),
+     "tokens_per_expert": [counts over FFN (then zero) experts] (or per layer)}.
+    Expert choice is replayed from tokens_per_expert when it covers arch's FFN experts."""
+    import csv
+    import json
+
+    from simulator.workload import RoutingSpec
+
+    path = Path(path)
+    if not path.is_file():
+        raise SimulationError(f"{path}: no routing record or train log")
+    K = arch.moe_topk
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or "ffn_experts_per_token" not in rows[0]:
+            raise SimulationError(f"{path}: expected a moesim train log with an ffn_experts_per_token column")
+        tail = rows[-max(1, len(rows) // 5):]
+        mean = float(np.mean([float(r["ffn_experts_per_token"]) for r in tail]))
+        std = float(np.mean([float(r.get("ffn_experts_std") or 0.0) for r in tail]))
+        return RoutingSpec(k_mean=min(mean, K), k_std=max(std, 1e-3))
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SimulationError(f"{path}: not valid JSON ({err.msg})") from None
+    spec = RoutingSpec()
+    ks = rec.get("ffn_experts_per_token")
+    if ks is not None:
+        flat = np.concatenate([np.ravel(np.asarray(k, dtype=np.int64)) for k in (ks if ks and isinstance(ks[0], list) else [ks])])
+        if flat.size == 0 or flat.min() < 0 or flat.max() > K:
+            raise SimulationError(f"{path}: ffn_experts_per_token must be in 0..{K} for {arch.name}")
+        spec.k_probs = (np.bincount(flat, minlength=K + 1) / flat.size).tolist()
+    tpe = rec.get("tokens_per_expert")
+    if tpe is not None and choice == "replay":
+        counts = np.asarray(tpe, dtype=np.float64)
+        counts = counts.sum(axis=0) if counts.ndim == 2 else counts
+        if counts.size < arch.n_routed_experts:
+            raise SimulationError(f"{path}: tokens_per_expert has {counts.size} entries, "
+                                  f"{arch.name} has {arch.n_routed_experts} FFN experts")
+        spec.choice = "replay"
+        spec.expert_probs = counts[: arch.n_routed_experts].tolist()
+    return spec
+
+
+def run_from_args(args) -> int:
+    """The analytic branch of `moesim simulate`: build the plan, run, print, write SIMRUN."""
+    import json
+
+    from simulator.workload import RoutingSpec
+
+    shortcut = None if args.layout is None else args.layout == "shortcut"
+    arch = get_arch(args.preset, shortcut=shortcut)
+    if args.gpus is None:
+        raise SimulationError("--gpus N is required with --preset")
+    routing = RoutingSpec(k_mean=args.k_mean, k_std=args.k_std, choice=args.routing, zipf_s=args.zipf_s)
+    if args.routing_record:
+        routing = routing_from_file(args.routing_record, arch, args.routing)
+        if args.routing == "zipf":
+            routing.choice, routing.zipf_s = "zipf", args.zipf_s
+    plan = ParallelPlan(
+        gpus=args.gpus, mode=args.mode, batch_per_gpu=args.batch_per_gpu, context=args.context,
+        schedule=args.schedule, ep=args.ep, tp=args.tp, pp=args.pp, micro_batches=args.micro_batches,
+        mtp=args.mtp_accept is not None, mtp_accept=args.mtp_accept or 0.0, weight_bytes=args.weight_bytes,
+        routing=routing,
+    )
+    metrics = run_whatif(arch, plan, args.cluster or "h800", args.out, seed=args.seed,
+                         price_per_gpu_hour=args.price_per_gpu_hour, train_tokens=args.train_tokens,
+                         write_traces=not args.no_traces)
+    if args.json:
+        print(json.dumps({k: v for k, v in metrics.items() if k not in ("ranks", "labels")}, indent=1, default=float))
+    else:
+        print("\n".join(summary_lines(metrics)))
+        print(f"wrote {args.out}  ({metrics['timing_s']['total_s']:.1f} s)")
+    return 0

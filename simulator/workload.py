@@ -109,6 +109,7 @@ class ParallelPlan:
         if self.pp > arch.num_layers:
             bad(f"pp {self.pp} exceeds the {arch.num_layers} layers")
         stage = self.gpus // self.pp
+        self.ep_experts = arch.n_routed_experts
         ep = self.ep_size
         if stage % ep:
             bad(f"ep {ep} does not divide the {stage} GPUs of a stage")
@@ -127,9 +128,18 @@ class ParallelPlan:
         if self.mtp and arch.mtp_layers < 1:
             bad(f"{arch.name} has no MTP module")
 
+    ep_experts: int = 0  # set by validate(): the model's FFN expert count (for the default EP)
+
     @property
     def ep_size(self) -> int:
-        return self.ep or self.gpus // self.pp
+        """Explicit `ep`, else the stage's GPUs, capped at the FFN expert count (beyond it
+        the experts are replicated in EP groups of that size)."""
+        stage = self.gpus // self.pp
+        if self.ep:
+            return self.ep
+        if self.ep_experts and stage > self.ep_experts and stage % self.ep_experts == 0:
+            return self.ep_experts
+        return stage
 
     @property
     def n_micro(self) -> int:
@@ -577,9 +587,11 @@ def generate(config: object, plan: ParallelPlan, rng: np.random.Generator) -> Wo
             for m in range(m_total):
                 lr = route_layer(arch, S, ep, tokens_mb, k_probs, expert_probs, rng)
                 flops, nbytes = costs.experts(lr.expert_slots, lr.experts_hit)
-                idx = (np.arange(S) // ep * ep)[:, None] + np.arange(ep)[None, :]
-                sent = np.take_along_axis(lr.send_tokens, idx, axis=1).astype(np.float64)  # (S, ep)
-                recv = np.take_along_axis(lr.send_tokens.T, idx, axis=1).astype(np.float64)
+                # (S, ep): tokens each rank sends to / receives from the ranks of its EP group
+                # (the send matrix is block diagonal: tokens stay inside their group)
+                own = np.arange(S) // ep
+                sent = lr.send_tokens.reshape(S, S // ep, ep)[np.arange(S), own].astype(np.float64)
+                recv = lr.send_tokens.T.reshape(S, S // ep, ep)[np.arange(S), own].astype(np.float64)
                 disp = (sent * h * plan.dispatch_bytes, recv * h * costs.act)
                 comb = (recv * h * plan.combine_bytes, sent * h * costs.act)
                 routing[(layer, m)] = (flops, nbytes, disp, comb)
@@ -590,7 +602,7 @@ def generate(config: object, plan: ParallelPlan, rng: np.random.Generator) -> Wo
                 all_slots += lr.all_slots
         templates.append(_stage_template(arch, plan, stage, layers, costs, routing, mb_groups))
     ops = _assemble(templates, plan, S, ep)
-    model_flops = float(pa.compute.sum(ops.column("flops")).as_py() or 0.0)
+    model_flops = float(ops.column("flops").to_numpy().sum())
     if train:
         positions = G / pp * plan.batch_per_gpu * plan.context
         out_tokens = positions
@@ -775,8 +787,17 @@ def _assemble(templates: list[_Template], plan: ParallelPlan, S: int, ep: int) -
         lens[split_ts] = ep
         cols["split_len"].append(np.tile(lens, S))
         if split_ts:
-            cols["split_flat"].append(np.stack([tpl.ops[t].splits for t in split_ts], axis=1).reshape(-1))
-    cat = lambda k: np.concatenate(cols[k]) if cols[k] else np.zeros(0)  # noqa: E731
+            flat = np.empty((S, len(split_ts), ep))  # rank-major, then op order: the list layout
+            for k, t in enumerate(split_ts):
+                flat[:, k, :] = tpl.ops[t].splits
+            cols["split_flat"].append(flat.reshape(-1))
+
+    def cat(key: str) -> np.ndarray:
+        parts = cols[key]
+        if not parts:
+            return np.zeros(0)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     n = int(sum(len(a) for a in cols["id"]))
 
     def list_col(flat: np.ndarray, lens: np.ndarray, typ: pa.DataType) -> pa.Array:
@@ -800,7 +821,7 @@ def _assemble(templates: list[_Template], plan: ParallelPlan, S: int, ep: int) -
         "coll": pa.array(cols["coll"], pa.string()),
         "group": pa.array(cols["group"], pa.string()),
         "coll_bytes": pa.array(cat("coll_bytes"), pa.float64()),
-        "splits": list_col(cat("split_flat").astype(np.float64), cat("split_len").astype(np.int64),
+        "splits": list_col(cat("split_flat"), cat("split_len").astype(np.int64),
                            SCHEMA.field("splits").type),
         "seq": pa.array(cat("seq").astype(np.int64), pa.int64()),
         "step": pa.array(np.zeros(n, dtype=np.int32), pa.int32()),
