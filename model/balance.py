@@ -65,7 +65,8 @@ class PidGains:
     ki: float = 0.0
     kd: float = 0.0
     integral_limit: float = 50.0  # anti-windup: |I_i| is clamped to this (relative units)
-    integral_band: float = 0.10  # integral separation: I grows only while |mean_i ε_i| < this
+    integral_band: float = 0.30  # integral separation: I grows only while |mean_i ε_i| < this
+    balance_gain: float = 1.0  # weight of the per-expert (differential) part of ε; 1 = plain e_i
 
 
 # Tuned on the `tiny` and `small` presets from a skewed start (see tests/model/test_balance.py
@@ -73,9 +74,11 @@ class PidGains:
 # kd defaults to 0: the per-step token counts are noisy (Poisson, ~1/sqrt(T·K_e/N)), and a
 # derivative of a noisy error moves the bias by that noise every step; on the simulated
 # router of tests/model/test_balance.py any kd > 0 lengthened settling. It stays a knob.
+# "p" is "pid" without its I and D terms, so comparing the two isolates what they add.
+# The plain report update (balance_gain 1, u = 1/E) is PidGains(kp=μ·K_e·E/(K·N), balance_gain=1).
 DEFAULT_GAINS: dict[str, PidGains] = {
-    "p": PidGains(kp=0.10),
-    "pid": PidGains(kp=0.10, ki=0.01, kd=0.0),
+    "p": PidGains(kp=0.5, balance_gain=0.3),
+    "pid": PidGains(kp=0.5, ki=0.02, kd=0.0, balance_gain=0.3),
 }
 
 
@@ -86,10 +89,16 @@ class BiasController:
     like 1/E, so the controller works on the relative error
         ε_i = e_i · K · N / K_e = 1 − T_i / (K_e · T_all / N)      (1 − load / target load)
     and moves the bias in units u of the router's scores (u = 1/E, the uniform score, or
-    the gain-scheduled `router_score_unit`). Per step t and FFN expert i:
-        I_i(t)  = clamp(I_i(t−1) + ε_i(t), ±integral_limit)   only while |mean_j ε_j(t)| < integral_band
-        Δb_i(t) = u · [ kp · ε_i(t) + ki · I_i(t) + kd · (ε_i(t) − ε_i(t−1)) ]
-    With ki = kd = 0 this is exactly the report's update Δb_i = μ · e_i with
+    the gain-scheduled `router_score_unit`). ε splits into a common mode, the budget error
+    ε̄ = mean_j ε_j = (K_e − mean FFN experts per token)/K_e, and a differential part
+    ε_i − ε̄, the imbalance between FFN experts. The differential part of one step's counts
+    is far noisier (each expert sees ~T·K_e/N tokens, the budget all T·K_e), so it may be
+    weighted down by s = balance_gain:
+        ε'_i(t) = ε̄(t) + s · (ε_i(t) − ε̄(t))                       (s = 1: ε'_i = ε_i)
+    Per step t and FFN expert i:
+        I_i(t)  = clamp(I_i(t−1) + ε'_i(t), ±integral_limit)  only while |ε̄(t)| < integral_band
+        Δb_i(t) = u · [ kp · ε'_i(t) + ki · I_i(t) + kd · (ε'_i(t) − ε'_i(t−1)) ]
+    With ki = kd = 0 and s = 1 this is exactly the report's update Δb_i = μ · e_i with
     μ = kp · u · K · N / K_e. Zero-expert biases (indices N..E−1) are never touched.
 
     Why the extra terms: b is the running sum of Δb, so the P term already integrates the
@@ -137,10 +146,12 @@ class BiasController:
                 f"e_score_correction_bias: expected {self.n_ffn + self.n_zero} entries "
                 f"(N {self.n_ffn} + Z {self.n_zero}), got {bias_E.numel()}"
             )
-        eps_N = self.relative_error(ffn_counts_N.cpu(), n_tokens)
         g = self.gains
+        raw_N = self.relative_error(ffn_counts_N.cpu(), n_tokens)
+        budget = raw_N.mean()
+        eps_N = budget + g.balance_gain * (raw_N - budget)
         lim = g.integral_limit
-        if abs(float(eps_N.mean())) < g.integral_band:
+        if abs(float(budget)) < g.integral_band:
             self.integral_N = (self.integral_N + eps_N).clamp(-lim, lim)
         d_eps_N = eps_N - self.prev_error_N if self.prev_error_N is not None else torch.zeros_like(eps_N)
         self.prev_error_N = eps_N

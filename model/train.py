@@ -58,6 +58,7 @@ class TrainConfig:
     kd: float | None = None
     score_unit: Literal["top1", "uniform"] = "top1"  # bias step unit (model/balance.py)
     integral_band: float | None = None
+    balance_gain: float | None = None
     balance_loss: float = 0.0  # coefficient of the device-level balance loss
     ep_devices: int | None = None  # D groups of FFN experts; None: gcd(N, 8)
     seed: int = 0
@@ -117,7 +118,7 @@ class TrainConfig:
             kp=base.kp if self.kp is None else self.kp,
             ki=base.ki if self.ki is None else self.ki,
             kd=base.kd if self.kd is None else self.kd,
-            integral_limit=base.integral_limit,
+            integral_limit=base.integral_limit, balance_gain=base.balance_gain if self.balance_gain is None else self.balance_gain,
             integral_band=base.integral_band if self.integral_band is None else self.integral_band,
         )
 
