@@ -18,8 +18,10 @@ recompute waiting for the new configuration:
     the collective and keeps only the time after it ended; an async collective that ends
     under running compute is joined at the next wait op;
   - the idle time before each op on a lane (Python, dispatcher: `gap_us`) is kept as is;
-  - durations and gaps are medians over the measured steps (position by position: the steps
-    of a run execute the same op sequence), which removes most machine noise;
+  - durations and gaps are averaged over the measured steps position by position (the steps
+    of a run execute the same op sequence). The mean, not the median: on a shared CPU,
+    preemption hits a random few ops of each step, and a per-op median would drop it from
+    every op, while the mean keeps the step's total (sum of means = mean of sums);
   - collectives get group = all ranks when the trace has none, and seq = their issue order.
 Durations of collectives are left to the caller (comm model; see simulator/validate.py).
 """
@@ -169,9 +171,16 @@ def _prepare_rank_step(rows: dict[str, np.ndarray | list], idx: np.ndarray) -> t
     return idx.tolist(), own, gap, deps
 
 
-def step_graph(ops: pa.Table, steps: list[int] | None = None) -> StepGraph:
-    """One typical step of a live trace (module docstring); medians over `steps` (default:
-    every step ≥ 0 whose op sequence matches the most common one)."""
+def step_graph(ops: pa.Table, steps: list[int] | None = None, stat: str = "mean", per_step: bool = False
+               ) -> StepGraph | list[StepGraph]:
+    """One typical step of a live trace (module docstring); `stat` ("mean" or "median") over
+    `steps` (default: every step ≥ 0 whose op sequence matches the most common one).
+    per_step=True: one graph per such step instead (replaying each and taking the median
+    keeps the straggler effect of per-step noise: a synchronous step waits for the slowest
+    rank in every exchange, which an averaged step smooths away)."""
+    if stat not in ("mean", "median"):
+        raise SimulationError(f"step_graph: stat {stat!r}, expected mean or median")
+    reduce = np.mean if stat == "mean" else np.median
     rows = {c: ops.column(c).to_numpy() if c in ("id", "rank", "start_us", "dur_us", "flops", "bytes", "coll_bytes", "seq", "step")
             else ops.column(c).to_pylist() for c in ops.column_names}
     step_col = rows["step"]
@@ -195,13 +204,21 @@ def step_graph(ops: pa.Table, steps: list[int] | None = None) -> StepGraph:
         counts[sig] += 1
     template_sig = max(counts, key=lambda sig: counts[sig])
     used = [s for s in all_steps if signatures[s] == template_sig]
+    skipped = [s for s in all_steps if s not in used]
+    if per_step:
+        return [_assemble(rows, ranks, prepared, [s], reduce, skipped) for s in used]
+    return _assemble(rows, ranks, prepared, used, reduce, skipped)
+
+
+def _assemble(rows: dict, ranks: list[int], prepared: dict, used: list[int], reduce, skipped: list[int]) -> StepGraph:
+    """Build the StepGraph of `used` steps (durations and gaps reduced position-wise)."""
     first = used[0]
     cols: dict[str, list] = defaultdict(list)
     offset = 0
     for r in ranks:
         idx0, _, _, deps0 = prepared[first][r]
-        own = np.median(np.stack([prepared[s][r][1] for s in used]), axis=0)
-        gap = np.median(np.stack([prepared[s][r][2] for s in used]), axis=0)
+        own = reduce(np.stack([prepared[s][r][1] for s in used]), axis=0)
+        gap = reduce(np.stack([prepared[s][r][2] for s in used]), axis=0)
         cols["own"].append(own)
         cols["gap"].append(gap)
         for k, i in enumerate(idx0):
@@ -218,7 +235,7 @@ def step_graph(ops: pa.Table, steps: list[int] | None = None) -> StepGraph:
         bytes=np.asarray(cols["bytes"], dtype=float), coll=cols["coll"], group=cols["group"],
         coll_bytes=np.asarray(cols["coll_bytes"], dtype=float), splits=[list(s or []) for s in cols["splits"]],
         seq=np.full(n, -1, dtype=np.int64), deps=cols["deps"], pos=np.asarray(cols["pos"], dtype=float),
-        steps_used=len(used), notes={"steps": used, "steps_skipped": [s for s in all_steps if s not in used]},
+        steps_used=len(used), notes={"steps": used, "steps_skipped": skipped},
     )
     _number_collectives(g)
     return g

@@ -1,0 +1,43 @@
+"""`moesim validate`: predict a matrix of live configs from the calibration, run them, compare."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "predict live CPU runs (schedules x world sizes x sizes x modes) from the calibration and compare (writes VAL/validation.json)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--out", required=True, metavar="VAL", help="output directory (validation.json, validation.md, runs/)")
+    parser.add_argument("--calibration", default=None, metavar="CAL",
+                        help="calibration dir or .json from `moesim calibrate` (default: VAL/cal, created when missing)")
+    parser.add_argument("--quick", action="store_true", help="a 4-config subset (world size 2, prefill) for CI")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per live run (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="warmup steps per live run (default 2)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moesim.cli import UsageError
+    from simulator.calibrate import calibrate, calibration_path, write_calibration
+    from simulator.validate import validate
+
+    if args.steps < 1 or args.warmup < 0:
+        raise UsageError("--steps must be ≥ 1 and --warmup ≥ 0")
+    cal = args.calibration
+    if cal is None:
+        cal = Path(args.out) / "cal"
+        if not calibration_path(cal).is_file():
+            print(f"no --calibration given: calibrating gloo, world size 2 into {cal}")
+            write_calibration(calibrate("gloo", 2, comm_reps=7, compute_reps=5), cal)
+    result = validate(args.out, cal, quick=args.quick, steps=args.steps, warmup=args.warmup)
+    print(f"median |step-time error| {result['median_abs_error_pct']:.1f}%   max {result['max_abs_error_pct']:.1f}%   "
+          f"({len(result['configs'])} configs)")
+    if result["overlap_max_abs_diff_pts"] is not None:
+        print(f"overlap |predicted - measured|: median {result['overlap_median_abs_diff_pts']:.1f} pts, "
+              f"max {result['overlap_max_abs_diff_pts']:.1f} pts")
+    for s in result["speedups"]:
+        print(f"shortcut speedup {s['name']}: predicted {s['predicted']:.3f}  measured {s['measured']:.3f}  ({s['diff_pts']:+.1f} pts)")
+    print(f"wrote {Path(args.out) / 'validation.json'}")
+    return 0

@@ -1,0 +1,295 @@
+"""Validation against live runs: predict configs from the calibration and one reference
+trace per (world size, mode), run them live, compare.
+
+    validate(out_dir, calibration, quick=False) -> the validation.json object
+
+For every (world size, mode) of the matrix ONE reference run is captured at a batch /
+sequence size that is not in the matrix, with the sequential schedule. Each matrix config
+is then predicted without its own trace:
+    reference trace → step_graph (one graph per measured step, waiting removed) → scale_work (tokens,
+    attention) with a cost model fitted on the reference's own ops over the calibration's
+    → set_schedule → collectives timed by the calibrated comm model → simulator.engine on a
+    cpu-loopback cluster (processor sharing over this machine's cores)
+and run live (traces.capture) for the measured step time (run.json step_time_us_median)
+and overlap. Overlap uses traces.overlap.compute_metrics on both sides, after marking the
+ops that only wait for or issue collectives (`_ExchangeWait`, c10d::*) as "sync": a rank
+blocked in a wait is not computing, whichever way the trace classified it.
+
+validation.json (DESIGN.md keys + extras):
+    configs → [{name, predicted_step_us, measured_step_us, error_pct, predicted_overlap_pct,
+                measured_overlap_pct, world_size, mode, schedule, batch, seq, reference,
+                measured_step_us_min, measured_step_us_max, load_1min}]
+    median_abs_error_pct, max_abs_error_pct, overlap_max_abs_diff_pts,
+    speedups → [{name, predicted, measured, diff_pts}] (sequential / shortcut step time),
+    references → [{name, run_dir, measured_step_us, replayed_step_us}], calibration, quick
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from simulator.calibrate import attach_work, fit_from_ops, load_calibration
+from simulator.costmodel import CommModel, CostModel
+from simulator.errors import SimulationError
+from simulator.transforms import StepGraph, scale_work, set_schedule, step_graph
+
+PRESET = "small"
+REFERENCE_SIZE = (4, 64)  # (global batch, seq): captured, never predicted
+SIZES = ((4, 32), (4, 128), (8, 64))  # matrix sizes: other batch and sequence lengths
+QUICK_SIZES = ((4, 32), (8, 64))
+SYNC_NAME_PREFIXES = ("_ExchangeWait", "_ExchangeStart", "c10d::", "record_param_comms")
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    world_size: int
+    mode: str
+    schedule: str
+    batch: int
+    seq: int
+
+    @property
+    def name(self) -> str:
+        return f"w{self.world_size}-{self.mode}-{self.schedule}-b{self.batch}-t{self.seq}"
+
+    @property
+    def tokens_per_rank(self) -> int:
+        return self.batch // self.world_size * self.seq
+
+
+def matrix(quick: bool = False) -> list[LiveConfig]:
+    """Full: world size 1, 2 × prefill, train × both schedules × 3 sizes (24 configs).
+    Quick: world size 2 prefill, both schedules × 2 sizes (4 configs)."""
+    if quick:
+        return [LiveConfig(2, "prefill", s, b, t) for b, t in QUICK_SIZES for s in ("sequential", "shortcut")]
+    return [LiveConfig(w, m, s, b, t) for w in (1, 2) for m in ("prefill", "train") for b, t in SIZES
+            for s in ("sequential", "shortcut")]
+
+
+def reference_of(cfg: LiveConfig) -> LiveConfig:
+    return LiveConfig(cfg.world_size, cfg.mode, "sequential", *REFERENCE_SIZE)
+
+
+def load_1min() -> float:
+    return os.getloadavg()[0]
+
+
+# ---------------------------------------------------------------------------------------
+# live side
+
+
+def capture_live(cfg: LiveConfig, run_dir: Path, steps: int, warmup: int, seed: int = 0) -> dict:
+    """Run `cfg` live under the profiler; returns its run.json (plus the 1-min load)."""
+    from traces.capture import CaptureSpec, capture
+    from traces.rundir import read_run_json
+
+    load = load_1min()
+    capture(CaptureSpec(out_dir=str(run_dir), preset=PRESET, world_size=cfg.world_size, schedule=cfg.schedule,
+                        mode=cfg.mode, batch=cfg.batch, seq=cfg.seq, steps=steps, warmup=warmup, seed=seed,
+                        backend="gloo", threads=1))
+    run = read_run_json(run_dir)
+    run["load_1min"] = round((load + load_1min()) / 2, 2)
+    return run
+
+
+def live_ops(run_dir: Path) -> pa.Table:
+    from traces.kineto import parse_traces
+    from traces.rundir import trace_files
+
+    return parse_traces(trace_files(run_dir))
+
+
+def mark_sync(ops: pa.Table) -> pa.Table:
+    """Ops that only issue or wait for collectives → kind "sync" (see module docstring)."""
+    names = ops.column("name").to_pylist()
+    kinds = ops.column("kind").to_pylist()
+    new = ["sync" if k in ("compute", "host") and n.startswith(SYNC_NAME_PREFIXES) else k for n, k in zip(names, kinds)]
+    return ops.set_column(ops.schema.get_field_index("kind"), "kind", pa.array(new, type=pa.string()))
+
+
+def measured_overlap_pct(ops: pa.Table) -> float | None:
+    from traces.overlap import compute_metrics
+
+    steps = ops.column("step").to_numpy()
+    return compute_metrics(mark_sync(ops.filter(pa.array(steps >= 0))))["overlap_pct_mean"]
+
+
+# ---------------------------------------------------------------------------------------
+# prediction side
+
+
+@dataclass
+class Reference:
+    """What a prediction may use: the reference config's step graph and fitted cost model."""
+
+    config: LiveConfig
+    graphs: list[StepGraph]  # one per measured step of the reference run
+    model: CostModel
+    measured_step_us: float
+
+
+def build_reference(cfg: LiveConfig, run_dir: Path, base: CostModel, measured_step_us: float) -> Reference:
+    ops = attach_work(live_ops(run_dir), run_dir)
+    return Reference(cfg, step_graph(ops, per_step=True), fit_from_ops(ops, base), measured_step_us)
+
+
+def predict_graphs(ref: Reference, cfg: LiveConfig) -> list[StepGraph]:
+    """Each reference step transformed to `cfg` (same world size and mode)."""
+    if (cfg.world_size, cfg.mode) != (ref.config.world_size, ref.config.mode):
+        raise SimulationError(f"{cfg.name}: reference {ref.config.name} has another world size or mode")
+    token_scale = cfg.tokens_per_rank / ref.config.tokens_per_rank
+    seq_scale = cfg.seq / ref.config.seq
+    return [set_schedule(scale_work(g, ref.model, token_scale, token_scale * seq_scale), cfg.schedule)
+            for g in ref.graphs]
+
+
+def simulate_steps(graphs: list[StepGraph], comm: CommModel, cores: int) -> tuple[float, float | None]:
+    """Median replayed step time (µs) and mean overlap % over the per-step graphs."""
+    results = [simulate_graph(g, comm, cores)[:2] for g in graphs]
+    overlaps = [ov for _, ov in results if ov is not None]
+    return statistics.median(t for t, _ in results), (float(np.mean(overlaps)) if overlaps else None)
+
+
+def simulate_graph(g: StepGraph, comm: CommModel, cores: int) -> tuple[float, float | None, pa.Table]:
+    """Replay a step graph on cpu-loopback: (step time µs, overlap % mean, simulated ops)."""
+    from simulator.cluster import cpu_loopback
+    from simulator.engine import simulate
+    from traces.overlap import compute_metrics
+
+    g = g.copy()
+    for i in range(g.n):
+        if g.kind[i] == "comm" and g.coll[i]:
+            members = g.group[i].split(",")
+            g.dur_us[i] = comm.predict_us(g.coll[i], len(members), g.coll_bytes[i], g.splits[i],
+                                          members.index(str(int(g.rank[i]))) if str(int(g.rank[i])) in members else -1)
+    ops, gap = g.to_ops()
+    cluster = cpu_loopback(int(g.rank.max()) + 1, cores)
+    sim = simulate(ops, cluster, comm_from_trace=True, gap_us=gap,
+                   compute_time=lambda t, _c: t.column("dur_us").to_numpy().astype(np.float64))
+    start = sim.column("start_us").to_numpy()
+    end = start + sim.column("dur_us").to_numpy()
+    step_us = float(end.max() - start.min())
+    return step_us, compute_metrics(mark_sync(sim))["overlap_pct_mean"], sim
+
+
+# ---------------------------------------------------------------------------------------
+# the whole comparison
+
+
+def _err(pred: float, meas: float) -> float:
+    return 100.0 * (pred - meas) / meas
+
+
+def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: bool = False, steps: int = 5,
+             warmup: int = 2, cores: int | None = None, configs: list[LiveConfig] | None = None,
+             log=print) -> dict:
+    """Capture references and the matrix live, predict each config, write VAL/validation.json."""
+    from traces.rundir import VALIDATION_JSON, write_json_atomic
+
+    cal, compute_model, comm_model = load_calibration(calibration, backend="gloo")
+    configs = configs or matrix(quick)
+    needed_ws = max(c.world_size for c in configs)
+    if cal["world_size"] < needed_ws:
+        raise SimulationError(
+            f"{calibration}: calibrated for world size {cal['world_size']}, the matrix needs {needed_ws}; "
+            f"run `moesim calibrate --backend gloo --world-size {needed_ws} -o {calibration}`")
+    cores = cores or os.cpu_count() or 1
+    out = Path(out_dir)
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    refs: dict[tuple[int, str], Reference] = {}
+    ref_rows = []
+    for key in sorted({(c.world_size, c.mode) for c in configs}):
+        rcfg = reference_of(LiveConfig(key[0], key[1], "sequential", 0, 0))
+        run = capture_live(rcfg, runs / f"ref-{rcfg.name}", steps, warmup)
+        ref = build_reference(rcfg, runs / f"ref-{rcfg.name}", compute_model, run["step_time_us_median"])
+        replay_us, _ = simulate_steps(ref.graphs, comm_model, cores)
+        refs[key] = ref
+        ref_rows.append({"name": rcfg.name, "run_dir": str(runs / f"ref-{rcfg.name}"),
+                         "measured_step_us": run["step_time_us_median"], "replayed_step_us": replay_us,
+                         "steps_used": len(ref.graphs), "load_1min": run["load_1min"]})
+        log(f"reference {rcfg.name}: measured {run['step_time_us_median'] / 1e3:.1f} ms, "
+            f"replayed {replay_us / 1e3:.1f} ms (load {run['load_1min']})")
+    rows = []
+    for cfg in configs:
+        pred_us, pred_ov = simulate_steps(predict_graphs(refs[(cfg.world_size, cfg.mode)], cfg), comm_model, cores)
+        run_dir = runs / cfg.name
+        run = capture_live(cfg, run_dir, steps, warmup)
+        meas_us = run["step_time_us_median"]
+        meas_ov = measured_overlap_pct(live_ops(run_dir))
+        per_step = [max(ts) for ts in zip(*run["step_times_us"].values())]
+        row = {
+            "name": cfg.name, "predicted_step_us": pred_us, "measured_step_us": meas_us,
+            "error_pct": _err(pred_us, meas_us), "predicted_overlap_pct": pred_ov, "measured_overlap_pct": meas_ov,
+            **asdict(cfg), "reference": reference_of(cfg).name,
+            "measured_step_us_min": min(per_step), "measured_step_us_max": max(per_step),
+            "load_1min": run["load_1min"],
+        }
+        rows.append(row)
+        log(f"{cfg.name:<34} predicted {pred_us / 1e3:8.1f} ms  measured {meas_us / 1e3:8.1f} ms  "
+            f"error {row['error_pct']:+6.1f}%  overlap {_fmt(pred_ov)} / {_fmt(meas_ov)}  (load {run['load_1min']})")
+    result = summarise(rows)
+    result.update({"references": ref_rows, "calibration": str(calibration), "quick": quick, "preset": PRESET,
+                   "steps": steps, "warmup": warmup, "cores": cores, "wall_s": round(time.time() - t0, 1)})
+    write_json_atomic(out / VALIDATION_JSON, result)
+    write_table(out / "validation.md", result)
+    return result
+
+
+def _fmt(x: float | None) -> str:
+    return "  n/a" if x is None else f"{x:5.1f}"
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The DESIGN.md summary keys plus overlap and shortcut-speedup agreement."""
+    errs = [abs(r["error_pct"]) for r in rows]
+    ov = [abs(r["predicted_overlap_pct"] - r["measured_overlap_pct"]) for r in rows
+          if r["predicted_overlap_pct"] is not None and r["measured_overlap_pct"] is not None]
+    by = {(r["world_size"], r["mode"], r["batch"], r["seq"], r["schedule"]): r for r in rows}
+    speedups = []
+    for (w, m, b, t, s), r in sorted(by.items()):
+        other = by.get((w, m, b, t, "sequential"))
+        if s == "shortcut" and other is not None:
+            pred = other["predicted_step_us"] / r["predicted_step_us"]
+            meas = other["measured_step_us"] / r["measured_step_us"]
+            speedups.append({"name": f"w{w}-{m}-b{b}-t{t}", "predicted": pred, "measured": meas,
+                             "diff_pts": 100 * (pred - meas)})
+    return {
+        "configs": rows,
+        "median_abs_error_pct": statistics.median(errs) if errs else None,
+        "max_abs_error_pct": max(errs) if errs else None,
+        "overlap_max_abs_diff_pts": max(ov) if ov else None,
+        "overlap_median_abs_diff_pts": statistics.median(ov) if ov else None,
+        "speedups": speedups,
+        "speedup_max_abs_diff_pts": max((abs(s["diff_pts"]) for s in speedups), default=None),
+    }
+
+
+def write_table(path: Path, result: dict) -> Path:
+    """A markdown table of the configs (README / dashboards)."""
+    lines = ["| config | predicted ms | measured ms (min–max) | error % | overlap % pred / meas | load |",
+             "|---|---|---|---|---|---|"]
+    for r in result["configs"]:
+        lines.append(f"| {r['name']} | {r['predicted_step_us'] / 1e3:.1f} | {r['measured_step_us'] / 1e3:.1f} "
+                     f"({r['measured_step_us_min'] / 1e3:.1f}–{r['measured_step_us_max'] / 1e3:.1f}) | "
+                     f"{r['error_pct']:+.1f} | {_fmt(r['predicted_overlap_pct'])} / {_fmt(r['measured_overlap_pct'])} | "
+                     f"{r['load_1min']} |")
+    lines.append("")
+    lines.append(f"median |error| {result['median_abs_error_pct']:.1f}%, max |error| {result['max_abs_error_pct']:.1f}%")
+    for s in result["speedups"]:
+        lines.append(f"shortcut speedup {s['name']}: predicted {s['predicted']:.3f}, measured {s['measured']:.3f} "
+                     f"({s['diff_pts']:+.1f} pts)")
+    from traces.rundir import write_json_atomic  # noqa: F401 - same atomic pattern below
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
