@@ -86,8 +86,10 @@ def _is_l_label(name: str) -> bool:
 
 
 def _int_arg(args: dict | None, key: str, default: int) -> int:
-    value = args.get(key) if args else None
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else default
+    if args is None:
+        return default
+    value = args.get(key)
+    return value if value.__class__ is int else default
 
 
 def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
@@ -118,9 +120,9 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
     main = int(np.argmax(op_count)) if op_count.sum() else (int(np.argmax(any_count)) if any_count.sum() else -1)
     if has_gpu:  # nccl:* ranges wrap kernel launches; only gloo worker threads run comm on CPU
         comm_ann = {i for i in comm_ann if tf.thread[i] != main and names[i].startswith("gloo:")}
-    first_start = {}
-    for i in cpu_idx[np.argsort(start[cpu_idx], kind="stable")]:
-        first_start.setdefault(int(tf.thread[i]), float(start[i]))
+    by_time = cpu_idx[np.argsort(start[cpu_idx], kind="stable")]
+    first_threads, first_pos = np.unique(tf.thread[by_time], return_index=True)
+    first_start = dict(zip(first_threads.tolist(), start[by_time[first_pos]].tolist()))
     comm_threads = {int(tf.thread[i]): names[i].split(":", 1)[0] for i in sorted(comm_ann, key=lambda i: start[i])}
     lane_of_thread: dict[int, str] = {}
     backend_count: dict[str, int] = defaultdict(int)
@@ -138,12 +140,15 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
             lane_of_thread[thread] = f"cpu:thread/{other}"
 
     out = _OpColumns()
+    kind_cache: dict[tuple, str] = {}
     event_piece: dict[int, int] = {}  # CPU event index → the op (piece) ending with it
 
     # ---- CPU lanes: top-level events cut at nested runtime calls
     for thread, lane in lane_of_thread.items():
-        members = cpu_idx[(tf.thread[cpu_idx] == thread)]
-        members = np.array([i for i in members if cat[i] != USER_ANN or i in comm_ann], dtype=np.int64)
+        members = cpu_idx[(tf.thread[cpu_idx] == thread) & (cat[cpu_idx] != USER_ANN)]
+        own_comm = [i for i in comm_ann if tf.thread[i] == thread]
+        if own_comm:
+            members = np.concatenate([members, np.array(own_comm, dtype=np.int64)])
         if members.size == 0:
             continue
         members = members[np.lexsort((-(end[members] - start[members]), start[members]))]
@@ -161,35 +166,29 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
         mid = (ps + pe) / 2
         l_hit, f_hit, s_hit = l_paint.lookup(mid), f_paint.lookup(mid), steps.lookup(mid)
         first_id = out.n
-        for k in range(ps.size):
-            i = int(src[k])
-            name = names[i]
-            if cat[i] == USER_ANN:
-                kind = "comm"
-            elif cat[i] in (RUNTIME, DRIVER):
-                kind = "sync" if SYNC_RUNTIME_RE.match(name) else "host"
-            elif WAIT_OP_RE.search(name):
-                kind = "sync"
-            elif has_gpu or ISSUE_OP_RE.match(name):
-                kind = "host"
-            else:
-                kind = "compute"
-            label = l_paint.values[l_hit[k]] if l_hit[k] >= 0 else (f_paint.values[f_hit[k]] if f_hit[k] >= 0 else "")
-            step = int(steps.values[s_hit[k]]) if s_hit[k] >= 0 else -1
-            out.add(lane, kind, name, label, float(ps[k]), float(pe[k] - ps[k]), step)
+        src_list = src.tolist()
+        piece_names = [names[i] for i in src_list]
+        kinds = [_cpu_kind(int(cat[i]), names[i], has_gpu, kind_cache) for i in src_list]
+        l_values = np.array(l_paint.values + [""], dtype=object)
+        f_values = np.array(f_paint.values + [""], dtype=object)
+        labels = np.where(l_hit >= 0, l_values[l_hit], f_values[f_hit]).tolist()
+        step_values = np.array([int(v) for v in steps.values] + [-1], dtype=np.int64)
+        out.extend(lane, kinds, piece_names, labels, ps, pe - ps, step_values[s_hit])
         # every CPU event of the thread → the piece that ends with it
-        for i, p in _event_pieces(members, ps, pe, start, end):
-            event_piece[int(i)] = first_id + p
+        event_piece.update(_event_pieces(members, ps, pe, start, end, first_id))
 
     # ---- GPU lanes
     corr_piece: dict[int, int] = {}
     corr_start: dict[int, float] = {}
-    for i in np.flatnonzero((cat == RUNTIME) | (cat == DRIVER)):
-        corr = _int_arg(args[i], "correlation", -1)
+    runtime_idx = np.flatnonzero((cat == RUNTIME) | (cat == DRIVER)).tolist()
+    runtime_corr = [_int_arg(args[i], "correlation", -1) for i in runtime_idx]
+    runtime_start = start[runtime_idx].tolist()
+    for i, corr, t in zip(runtime_idx, runtime_corr, runtime_start):
         if corr >= 0:
-            corr_start[corr] = float(start[i])
-            if int(i) in event_piece:
-                corr_piece[corr] = event_piece[int(i)]
+            corr_start[corr] = t
+            piece = event_piece.get(i)
+            if piece is not None:
+                corr_piece[corr] = piece
     gpu_idx = np.flatnonzero(is_gpu)
     gpu_idx = gpu_idx[np.argsort(start[gpu_idx], kind="stable")]
     gpu_lane = []
@@ -198,7 +197,10 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
         device = _int_arg(args[i], "device", pid if isinstance(pid, int) else 0)
         stream = _int_arg(args[i], "stream", tid if isinstance(tid, int) else 0)
         gpu_lane.append((device, stream))
-    comm_lanes = {lane for lane, i in zip(gpu_lane, gpu_idx) if cat[i] == KERNEL and config.comm_kernel_re.search(names[i])}
+    # regexes run once per distinct kernel name (a trace repeats a few hundred names)
+    comm_name = {n: bool(config.comm_kernel_re.search(n)) for n in {names[i] for i in gpu_idx}}
+    stream_comm_name = {n: bool(config.comm_stream_kernel_re.search(n)) for n in comm_name}
+    comm_lanes = {lane for lane, i in zip(gpu_lane, gpu_idx) if cat[i] == KERNEL and comm_name[names[i]]}
     comm_lanes |= {lane for lane in gpu_lane if lane[1] in set(config.comm_streams)}
     launch_time: dict[tuple, list[float]] = defaultdict(list)  # lane → launch times, lane order
     lane_ops: dict[tuple, list[int]] = defaultdict(list)
@@ -207,9 +209,7 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
         a = args[i]
         if cat[i] != KERNEL or name.startswith(("Memcpy", "Memset")):
             kind = "memory"
-        elif config.comm_kernel_re.search(name) or (
-            (device, stream) in comm_lanes and config.comm_stream_kernel_re.search(name)
-        ):
+        elif comm_name[name] or ((device, stream) in comm_lanes and stream_comm_name[name]):
             kind = "comm"
         else:
             kind = "compute"
@@ -236,6 +236,25 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
     return out.columns()
 
 
+def _cpu_kind(cat: int, name: str, has_gpu: bool, cache: dict[tuple, str]) -> str:
+    """Kind of a CPU piece (see traces/classify.py), memoised per (category, name)."""
+    key = (cat, name)
+    kind = cache.get(key)
+    if kind is None:
+        if cat == USER_ANN:
+            kind = "comm"
+        elif cat in (RUNTIME, DRIVER):
+            kind = "sync" if SYNC_RUNTIME_RE.match(name) else "host"
+        elif WAIT_OP_RE.search(name):
+            kind = "sync"
+        elif has_gpu or ISSUE_OP_RE.match(name):
+            kind = "host"
+        else:
+            kind = "compute"
+        cache[key] = kind
+    return kind
+
+
 def _cut(tops: np.ndarray, cuts: np.ndarray, start: np.ndarray, end: np.ndarray):
     """Pieces (start, end, source event) covering the top-level events, split at cuts."""
     t_s, t_e = start[tops], end[tops]
@@ -259,16 +278,18 @@ def _cut(tops: np.ndarray, cuts: np.ndarray, start: np.ndarray, end: np.ndarray)
     return ps, pe, src
 
 
-def _event_pieces(members: np.ndarray, ps: np.ndarray, pe: np.ndarray, start: np.ndarray, end: np.ndarray):
-    """(event, piece) pairs: the last piece ending by the event's end and inside it."""
+def _event_pieces(members: np.ndarray, ps: np.ndarray, pe: np.ndarray, start: np.ndarray, end: np.ndarray,
+                  first_id: int) -> dict[int, int]:
+    """event → op id: the last piece ending by the event's end and starting inside it
+    (for a zero-length event: the piece holding its start)."""
     if ps.size == 0:
-        return []
+        return {}
     e_s, e_e = start[members], end[members]
     j = np.searchsorted(pe, e_e, side="right") - 1
     ok = (j >= 0) & (ps[np.clip(j, 0, None)] >= e_s - 1e-9)
     j_alt = np.clip(np.searchsorted(ps, e_s, side="right") - 1, 0, ps.size - 1)
-    j = np.where(ok, j, j_alt)
-    return zip(members.tolist(), j.tolist())
+    j = np.where(ok, j, j_alt) + first_id
+    return dict(zip(members.tolist(), j.tolist()))
 
 
 def _last_before(times: list[float], t: float) -> int:
@@ -279,11 +300,14 @@ def _last_before(times: list[float], t: float) -> int:
 def _sync_deps(tf, out, corr_start, event_piece, launch_time, lane_ops) -> None:
     """Cross-stream and CPU-sync deps from cuda_sync args (or device syncs without them)."""
     cat, args = tf.cat, tf.args
+    runtime_idx = np.flatnonzero(cat == RUNTIME).tolist()
     corr_runtime_piece = {}
-    for i in np.flatnonzero(cat == RUNTIME):
-        corr = _int_arg(args[i], "correlation", -1)
-        if corr >= 0 and int(i) in event_piece:
-            corr_runtime_piece[corr] = event_piece[int(i)]
+    for i in runtime_idx:
+        piece = event_piece.get(i)
+        if piece is not None:
+            corr = _int_arg(args[i], "correlation", -1)
+            if corr >= 0:
+                corr_runtime_piece[corr] = piece
     by_stream: dict[int, list[tuple]] = defaultdict(list)
     for lane in lane_ops:
         by_stream[lane[1]].append(lane)
@@ -327,11 +351,11 @@ def _sync_deps(tf, out, corr_start, event_piece, launch_time, lane_ops) -> None:
             for stream in by_stream:
                 out.deps[piece].extend(last_op(stream, t_call))
     # traces without cuda_sync events: cudaDeviceSynchronize waits for every stream
-    for i in np.flatnonzero(cat == RUNTIME):
-        corr = _int_arg(args[i], "correlation", -1)
-        if tf.name[i] == "cudaDeviceSynchronize" and corr not in seen_sync and int(i) in event_piece:
-            for stream in by_stream:
-                out.deps[event_piece[int(i)]].extend(last_op(stream, float(tf.ts_us[i])))
+    for i in runtime_idx:
+        if tf.name[i] == "cudaDeviceSynchronize" and i in event_piece:
+            if _int_arg(args[i], "correlation", -1) not in seen_sync:
+                for stream in by_stream:
+                    out.deps[event_piece[i]].extend(last_op(stream, float(tf.ts_us[i])))
 
 
 def _gloo_deps(tf: TraceFile, out, event_piece: dict[int, int], has_gpu: bool) -> None:
@@ -403,6 +427,19 @@ class _OpColumns:
         self.n += 1
         return self.n - 1
 
+    def extend(self, lane: str, kinds: list[str], names: list[str], labels: list[str],
+               start_us: np.ndarray, dur_us: np.ndarray, steps: np.ndarray) -> None:
+        n = len(kinds)
+        self.lane.extend([lane] * n)
+        self.kind.extend(kinds)
+        self.name.extend(names)
+        self.label.extend(labels)
+        self.start.extend(start_us.tolist())
+        self.dur.extend(dur_us.tolist())
+        self.step.extend(steps.tolist())
+        self.deps.extend([] for _ in range(n))
+        self.n += n
+
     def set_collective(self, op: int, coll: str, group: str, coll_bytes: float, splits: list[float], seq: int) -> None:
         self.coll[op] = (coll, group, coll_bytes, splits, seq)
 
@@ -417,8 +454,22 @@ class _OpColumns:
             self.coll[op] = (coll, group, coll_bytes, splits, seq)
 
     def columns(self) -> dict[str, object]:
+        """Column arrays; deps as an arrow list array (local ids) built from offsets."""
         n = self.n
-        coll = [self.coll.get(k, ("", "", 0.0, [], -1)) for k in range(n)]
+        coll_str = [""] * n
+        group = [""] * n
+        coll_bytes = np.zeros(n)
+        seq = np.full(n, -1, dtype=np.int64)
+        splits: list[list[float]] = [[] for _ in range(n)]
+        for op, (c, g, b, sp, q) in self.coll.items():
+            coll_str[op], group[op], coll_bytes[op], splits[op], seq[op] = c, g, b, sp, q
+        nbytes = coll_bytes.copy()
+        for op, b in self.bytes.items():
+            nbytes[op] = b
+        deps = [sorted(set(d)) if len(d) > 1 else d for d in self.deps]
+        lengths = np.fromiter((len(d) for d in deps), dtype=np.int64, count=n)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        flat = np.fromiter((x for d in deps for x in d), dtype=np.int64, count=int(offsets[-1]))
         return {
             "lane": self.lane,
             "kind": self.kind,
@@ -426,12 +477,13 @@ class _OpColumns:
             "label": self.label,
             "start_us": np.asarray(self.start, dtype=np.float64),
             "dur_us": np.asarray(self.dur, dtype=np.float64),
-            "bytes": np.array([self.bytes.get(k, c[2]) for k, c in enumerate(coll)], dtype=np.float64),
-            "coll": [c[0] for c in coll],
-            "group": [c[1] for c in coll],
-            "coll_bytes": np.array([c[2] for c in coll], dtype=np.float64),
-            "splits": [c[3] for c in coll],
-            "seq": np.array([c[4] for c in coll], dtype=np.int64),
+            "bytes": nbytes,
+            "coll": coll_str,
+            "group": group,
+            "coll_bytes": coll_bytes,
+            "splits": splits,
+            "seq": seq,
             "step": np.asarray(self.step, dtype=np.int32),
-            "deps": [sorted(set(d)) for d in self.deps],
+            "deps_offsets": offsets,
+            "deps_flat": flat,
         }
