@@ -150,15 +150,20 @@ def predict_graphs(ref: Reference, cfg: LiveConfig) -> list[StepGraph]:
             for g in ref.graphs]
 
 
-def simulate_steps(graphs: list[StepGraph], comm: CommModel, cores: int) -> tuple[float, float | None]:
+def simulate_steps(graphs: list[StepGraph], comm: CommModel, cores: int, slow_under_comm: bool = False
+                   ) -> tuple[float, float | None]:
     """Median replayed step time (µs) and mean overlap % over the per-step graphs."""
-    results = [simulate_graph(g, comm, cores)[:2] for g in graphs]
+    results = [simulate_graph(g, comm, cores, slow_under_comm)[:2] for g in graphs]
     overlaps = [ov for _, ov in results if ov is not None]
     return statistics.median(t for t, _ in results), (float(np.mean(overlaps)) if overlaps else None)
 
 
-def simulate_graph(g: StepGraph, comm: CommModel, cores: int) -> tuple[float, float | None, pa.Table]:
-    """Replay a step graph on cpu-loopback: (step time µs, overlap % mean, simulated ops)."""
+def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: bool = False
+                   ) -> tuple[float, float | None, pa.Table]:
+    """Replay a step graph on cpu-loopback: (step time µs, overlap % mean, simulated ops).
+
+    slow_under_comm: let the engine slow compute while transfers share the cores (off by
+    default: the reference's durations already carry the contention they ran under)."""
     from simulator.cluster import cpu_loopback
     from simulator.engine import simulate
     from traces.overlap import compute_metrics
@@ -170,9 +175,14 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int) -> tuple[float, fl
             g.dur_us[i] = comm.predict_us(g.coll[i], len(members), g.coll_bytes[i], g.splits[i],
                                           members.index(str(int(g.rank[i]))) if str(int(g.rank[i])) in members else -1)
     ops, gap = g.to_ops()
+    durations = ops.column("dur_us").to_numpy().astype(np.float64)
+    if slow_under_comm:
+        # dur_us = 0 marks a duration as modelled, not measured: the engine then slows the
+        # op while in-flight transfers share the cores (measured ones already include that)
+        zero = pa.array(np.where(np.asarray(g.kind) == "comm", durations, 0.0))
+        ops = ops.set_column(ops.schema.get_field_index("dur_us"), "dur_us", zero)
     cluster = cpu_loopback(int(g.rank.max()) + 1, cores)
-    sim = simulate(ops, cluster, comm_from_trace=True, gap_us=gap,
-                   compute_time=lambda t, _c: t.column("dur_us").to_numpy().astype(np.float64))
+    sim = simulate(ops, cluster, comm_from_trace=True, gap_us=gap, compute_time=lambda _t, _c: durations)
     start = sim.column("start_us").to_numpy()
     end = start + sim.column("dur_us").to_numpy()
     step_us = float(end.max() - start.min())

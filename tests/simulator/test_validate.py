@@ -1,0 +1,77 @@
+"""validate: the matrix, the summary arithmetic, and `moesim validate --quick` against live runs."""
+
+import json
+
+import pytest
+
+from moesim.cli import main
+from simulator.validate import REFERENCE_SIZE, LiveConfig, mark_sync, matrix, reference_of, summarise
+from traces.schema import make_ops
+
+
+def test_matrix_covers_the_issue_and_never_contains_its_reference():
+    full = matrix()
+    assert len(full) >= 12
+    assert {c.schedule for c in full} == {"sequential", "shortcut"}
+    assert {c.world_size for c in full} == {1, 2} and {c.mode for c in full} == {"prefill", "train"}
+    assert len({(c.batch, c.seq) for c in full}) >= 3
+    quick = matrix(quick=True)
+    assert len(quick) == 4 and set(quick) <= set(full)
+    for c in full:
+        ref = reference_of(c)
+        assert (ref.batch, ref.seq) == REFERENCE_SIZE and ref not in full  # never its own trace
+        assert c.batch % c.world_size == 0
+
+
+def _row(name, w, sched, pred, meas, b=4, t=32):
+    return {"name": name, "world_size": w, "mode": "prefill", "schedule": sched, "batch": b, "seq": t,
+            "predicted_step_us": pred, "measured_step_us": meas, "error_pct": 100 * (pred - meas) / meas,
+            "predicted_overlap_pct": 10.0, "measured_overlap_pct": 13.0}
+
+
+def test_summary_errors_and_speedups():
+    rows = [_row("a", 2, "sequential", 110, 100), _row("b", 2, "shortcut", 100, 100),
+            _row("c", 1, "sequential", 97, 100, b=8)]
+    s = summarise(rows)
+    assert s["median_abs_error_pct"] == pytest.approx(3.0) and s["max_abs_error_pct"] == pytest.approx(10.0)
+    assert s["overlap_max_abs_diff_pts"] == pytest.approx(3.0)
+    (sp,) = s["speedups"]  # only (w2, b4, t32) has both schedules
+    assert sp["predicted"] == pytest.approx(1.1) and sp["measured"] == pytest.approx(1.0)
+    assert sp["diff_pts"] == pytest.approx(10.0)
+
+
+def test_mark_sync_only_touches_exchange_ops():
+    ops = make_ops({"id": [0, 1, 2], "rank": [0, 0, 0], "lane": ["cpu:main"] * 3,
+                    "kind": ["compute", "host", "compute"], "name": ["_ExchangeWait", "c10d::alltoall_base_", "aten::mm"],
+                    "start_us": [0, 1, 2], "dur_us": [1, 1, 1]})
+    assert mark_sync(ops).column("kind").to_pylist() == ["sync", "sync", "compute"]
+
+
+def test_validate_refuses_a_calibration_for_another_backend(tmp_path, capsys):
+    from simulator.calibrate import fit_calibration, write_calibration
+
+    write_calibration(fit_calibration("nccl", 8, {"type": "cuda"}, [], [], "x"), tmp_path / "CAL")
+    assert main(["validate", "--quick", "--calibration", str(tmp_path / "CAL"), "-o", str(tmp_path / "VAL")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibrated for backend nccl world size 8" in err[0] and "moesim calibrate" in err[0]
+    assert main(["validate", "--quick", "--calibration", str(tmp_path / "none"), "-o", str(tmp_path / "VAL")]) == 2
+    assert "create it with `moesim calibrate --backend gloo" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_validate_quick_predicts_live_runs(tmp_path, capsys):
+    """Calibrate, capture one reference, predict 4 live configs; loose bound so CI noise
+    cannot block a landing (the full matrix measures the 3% goal)."""
+    cal = tmp_path / "CAL"
+    assert main(["calibrate", "--world-size", "2", "-o", str(cal), "--comm-reps", "5", "--compute-reps", "3"]) == 0
+    assert main(["validate", "--quick", "--calibration", str(cal), "-o", str(tmp_path / "VAL")]) == 0
+    out = capsys.readouterr().out
+    assert "median |step-time error|" in out
+    val = json.loads((tmp_path / "VAL" / "validation.json").read_text())
+    assert len(val["configs"]) == 4
+    for c in val["configs"]:
+        assert {"name", "predicted_step_us", "measured_step_us", "error_pct", "predicted_overlap_pct",
+                "measured_overlap_pct"} <= set(c)
+        assert c["reference"] != c["name"]
+    assert val["median_abs_error_pct"] <= 10.0, (val["median_abs_error_pct"], [c["error_pct"] for c in val["configs"]])
+    assert (tmp_path / "VAL" / "validation.md").is_file()
