@@ -39,15 +39,24 @@ def memory_per_gpu_bytes(arch: MoeArch, plan: ParallelPlan) -> dict[str, float]:
     """Bytes each GPU must hold: weights (its experts, replicated dense weights, its stage's
     layers), KV cache (inference), gradients + Adam states (training, mixed precision:
     BF16 weights and gradients, FP32 master weights and two moments)."""
-    stage_layers = range(0, -(-arch.num_layers // plan.pp))
-    experts_here = arch.n_routed_experts / plan.ep_size
+    from simulator.workload import stage_layer_ranges
+
+    stage_layers = stage_layer_ranges(arch.num_layers, plan.pp)[0]
+    ep = plan.ep_size
+    experts_here = arch.n_routed_experts / ep
+    expert_params = sum(experts_here * arch.expert_params() for i in stage_layers if arch.is_moe_layer(i))
     params = sum(arch.layer_params(i, experts_here) for i in stage_layers)
     params += (2 * arch.vocab_size * arch.hidden_size + arch.hidden_size) / plan.pp
     if plan.mtp:
         params += arch.layer_params(0, 0) + arch.hidden_size * 2 * arch.hidden_size
     out = {"weights": params * plan.weight_bytes}
     if plan.mode == "train":
-        out["grads_optimizer"] = params * (2.0 + 12.0)
+        # BF16 gradients; FP32 master weights + Adam moments (12 B/param) sharded over the
+        # data-parallel copies (distributed optimizer / ZeRO-1): dense weights have one copy
+        # per rank of the stage, experts one per EP group
+        dense = params - expert_params
+        stage = plan.gpus // plan.pp
+        out["grads_optimizer"] = params * 2.0 + 12.0 * (dense / stage + expert_params / (stage // ep))
     else:
         positions = plan.context + plan.tokens_per_seq_step if plan.mode == "decode" else plan.context
         out["kv_cache"] = plan.batch_per_gpu * positions * arch.kv_cache_bytes_per_token(KV_BYTES) / plan.pp
@@ -103,6 +112,22 @@ def _block_overlap(labels: list[dict]) -> dict[str, dict[str, float]]:
             "overlap_pct": 100.0 * h / c if c > 0 else None}
         for b, (c, h, w) in acc.items()
     }
+
+
+def moe_time_split(sim: pa.Table) -> dict:
+    """MoE time per rank per step, mean over ranks: all-to-all time (dispatch + combine, and
+    their backward) and expert GEMM time; `moe_comm_share_pct` = comm / (comm + experts),
+    the ScMoE paper's "communication share of MoE time" (of a schedule without overlap)."""
+    labels = np.array(sim.column("label").to_pylist(), dtype=object)
+    dur = sim.column("dur_us").to_numpy()
+    n_ranks = len(np.unique(sim.column("rank").to_numpy())) or 1
+    block = np.array([lab.rsplit("/", 1)[-1] for lab in labels], dtype=object)
+    comm = float(dur[(block == "dispatch") | (block == "combine")].sum()) / n_ranks
+    experts = float(dur[block == "experts"].sum()) / n_ranks
+    if comm + experts == 0:
+        return {}
+    return {"moe_comm_us": comm, "moe_expert_compute_us": experts,
+            "moe_comm_share_pct": 100.0 * comm / (comm + experts)}
 
 
 def routing_metrics(w: Workload) -> dict:
@@ -208,6 +233,8 @@ def run_whatif(
     elif cluster.num_gpus != plan.gpus:
         raise SimulationError(f"plan: gpus {plan.gpus} but cluster {cluster.name} has {cluster.num_gpus}")
     plan.validate(arch)
+    if plan.dispatch_bytes <= 0:  # FP8 dispatch only where the GPU has FP8 (Ampere has not)
+        plan.dispatch_bytes = 1.0 if cluster.gpu.fp8_flops > cluster.gpu.bf16_flops else 2.0
     memory = check_fits(arch, plan, cluster)
     rng = np.random.default_rng(seed)
     w = generate(arch, plan, rng)
@@ -235,6 +262,7 @@ def run_whatif(
         metrics["exposed_comm_us_mean"] = float(np.mean([r["exposed_comm_us"] for r in ranks.values()]))
         metrics["compute_us_mean"] = float(np.mean([r["compute_us"] for r in ranks.values()]))
     metrics["blocks"] = _block_overlap(metrics.get("labels", []))
+    metrics.update(moe_time_split(sim))
     metrics.update(throughput_metrics(w, step_us, cluster, price_per_gpu_hour, train_tokens))
     metrics.update(routing_metrics(w))
     metrics["memory_per_gpu_bytes"] = memory

@@ -51,7 +51,7 @@ Schedule = Literal["sequential", "tbo", "sbo"]
 
 # Above this many tokens per rank per micro-batch, routing is drawn for a sample of tokens
 # and the counts are drawn from the resulting probabilities (multinomial at the true size).
-EXACT_TOKENS_PER_RANK = 4096
+EXACT_TOKENS_PER_RANK = 1024
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -84,7 +84,8 @@ class ParallelPlan:
     mtp_accept: float = 0.0  # acceptance rate of the draft token
     node_size: int = 8
     weight_bytes: float = 2.0  # per parameter (BF16)
-    dispatch_bytes: float = 1.0  # per hidden element on the wire (FP8 dispatch, DeepEP)
+    dispatch_bytes: float = 0.0  # per hidden element on the wire; 0 = auto: FP8 (1, DeepEP)
+    # where the GPU has FP8, else 2 (whatif resolves it from the cluster; generate() alone: 1)
     combine_bytes: float = 2.0  # BF16 combine
     routing: RoutingSpec = field(default_factory=RoutingSpec)
 
@@ -242,6 +243,16 @@ def draw_experts(
     return ids
 
 
+def _scaled_multinomial(counts: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Per row: a multinomial draw of round(row total · scale) over the row's proportions."""
+    totals = counts.sum(axis=1)
+    probs = counts / np.maximum(totals, 1)[:, None]
+    n = np.round(totals * scale).astype(np.int64)
+    out = rng.multinomial(n, probs)
+    out[totals == 0] = 0
+    return out
+
+
 @dataclass
 class LayerRouting:
     """One MoE layer, one micro-batch, one pipeline stage (ranks local to the stage).
@@ -289,14 +300,8 @@ def route_layer(
     per_expert = np.bincount(gexp, minlength=n_groups * E).astype(np.float64)
     scale = tokens_per_rank / sample
     if scale > 1.0:  # draw counts at full size from the sampled probabilities
-        send = np.vstack([
-            rng.multinomial(int(round(row.sum() * scale)), row / row.sum()) if row.sum() else row
-            for row in send
-        ])
-        per_expert = np.concatenate([
-            rng.multinomial(int(round(g.sum() * scale)), g / g.sum()) if g.sum() else g
-            for g in per_expert.reshape(n_groups, E)
-        ]).astype(np.float64)
+        send = _scaled_multinomial(send, scale, rng)
+        per_expert = _scaled_multinomial(per_expert.reshape(n_groups, E), scale, rng).reshape(-1).astype(np.float64)
     expert_slots = per_expert.reshape(ranks, epr).sum(axis=1)
     experts_hit = (per_expert.reshape(ranks, epr) > 0).sum(axis=1)
     ffn_slots = float(k_tok.sum()) * scale
@@ -311,6 +316,9 @@ def route_layer(
 class Cost:
     flops: float
     bytes: float
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
 
 
 class BlockCosts:
@@ -329,8 +337,10 @@ class BlockCosts:
     def _io(self, width_in: float, width_out: float) -> float:
         return self.tokens * (width_in + width_out) * self.act
 
-    def attention(self, part: Literal["all", "proj", "core"]) -> Cost:
-        """One attention block, split as SBO splits attn1: projections / core + o_proj."""
+    def attention(self, part: Literal["proj", "core", "out"]) -> Cost:
+        """One attention block in three kernels: projections (q, kv; with the absorbed MLA
+        decode also W_uk), the core over the cache (scores + values), the output (o_proj;
+        absorbed MLA also W_uv). TP: the group's tokens, 1/tp of the heads and weights."""
         a, tp = self.a, self.plan.tp
         h, nh = a.hidden_size, a.num_attention_heads
         tokens_g = self.tokens * tp  # the TP group's tokens, 1/tp of the heads each
@@ -342,28 +352,21 @@ class BlockCosts:
             kva_w = h * (C + R)
             kvb_k, kvb_v = C * nh * N, C * nh * V
             o_w = nh * V * h
-            if absorbed:
-                proj_f = 2 * tokens_g * (q_w + kva_w + kvb_k)
-                core_f = a.attn_core_flops(pairs, 1.0, True) + 2 * tokens_g * (kvb_v + o_w)
-            else:  # expanded: kv_b on every key (keys = the prompt itself)
-                proj_f = 2 * tokens_g * (q_w + kva_w + kvb_k + kvb_v)
-                core_f = a.attn_core_flops(pairs, 1.0, False) + 2 * tokens_g * o_w
-            proj_w, core_w = q_w + kva_w + kvb_k, kvb_v + o_w
+            if absorbed:  # kv_b folded into q (W_uk) and the output (W_uv)
+                proj_w, out_w = q_w + kva_w + kvb_k, kvb_v + o_w
+            else:  # expanded: kv_b on every key (the keys are the prompt itself)
+                proj_w, out_w = q_w + kva_w + kvb_k + kvb_v, o_w
             kv_bytes = self.U * tp * (self.P + self.T) * (C + R) * self.act  # latent, shared by heads
         else:
             hd, nkv = a.head_dim, a.num_key_value_heads
-            proj_w = h * nh * hd + 2 * h * nkv * hd
-            core_w = nh * hd * h
-            proj_f = 2 * tokens_g * proj_w
-            core_f = a.attn_core_flops(pairs, 1.0, absorbed) + 2 * tokens_g * core_w
+            proj_w, out_w = h * nh * hd + 2 * h * nkv * hd, nh * hd * h
             kv_bytes = self.U * tp * (self.P + self.T) * 2 * nkv * hd * self.act / tp
-        proj = Cost(proj_f / tp, proj_w * self.wb / tp + self._io(h, h))
-        core = Cost(core_f / tp, core_w * self.wb / tp + kv_bytes + self._io(h, h))
         if part == "proj":
-            return proj
+            return Cost(2 * tokens_g * proj_w / tp, proj_w * self.wb / tp + self._io(h, h))
         if part == "core":
-            return core
-        return Cost(proj.flops + core.flops, proj.bytes + core.bytes)
+            core_f = a.attn_core_flops(pairs, 1.0, absorbed)
+            return Cost(core_f / tp, kv_bytes + self._io(h, h))
+        return Cost(2 * tokens_g * out_w / tp, out_w * self.wb / tp + self._io(h, h))
 
     def mlp(self, ffn: int, tokens: float | None = None) -> Cost:
         t = self.tokens if tokens is None else tokens
@@ -455,31 +458,40 @@ def _layer_ops(arch: MoeArch, layer: int, costs: BlockCosts, moe: tuple | None) 
                        group="ep", coll_bytes=splits.sum(axis=1), splits=splits, bwd_splits=bwd)
         deps[key] = d
 
+    def attn(blk: str, d: list[str]) -> list[str]:
+        """Projections (GEMMs), attention core over the cache, output projection: three
+        kernels with different bounds, so each gets its own roofline. The last key is `blk`."""
+        kind = "mla" if arch.attention == "mla" else "gqa"
+        comp(f"{blk}.proj", blk, f"{blk}.{kind}_proj_gemm", costs.attention("proj"), d)
+        comp(f"{blk}.core", blk, f"{blk}.{kind}_core_attention", costs.attention("core"), [f"{blk}.proj"])
+        comp(blk, blk, f"{blk}.{kind}_out_gemm", costs.attention("out"), [f"{blk}.core"])
+        return [f"{blk}.proj", f"{blk}.core", blk]
+
     two_blocks = arch.attn_blocks_per_layer == 2
     if moe is None:
-        comp("attn0", "attn0", "attn0.mla_attention", costs.attention("all"), ["IN"])
+        a0 = attn("attn0", ["IN"])
         comp("mlp0", "mlp0", "mlp0.gemm", costs.mlp(arch.dense_ffn_hidden_size), ["attn0"])
-        return _LayerMb(ops, ["attn0", "mlp0"], [], [], [], None, None, ["mlp0"], deps)
+        return _LayerMb(ops, a0 + ["mlp0"], [], [], [], None, None, ["mlp0"], deps)
     exp_cost, (disp, disp_bwd), (comb, comb_bwd) = (moe[0], moe[1]), moe[2], moe[3]
     if arch.layout == "shortcut":
-        comp("attn0", "attn0", "attn0.mla_attention", costs.attention("all"), ["IN"])
+        a0 = attn("attn0", ["IN"])
         comp("router", "router", "router.gemm", costs.router(), ["attn0"])
         a2a("dispatch", disp, disp_bwd, ["router"])
         comp("mlp0", "mlp0", "mlp0.gemm", costs.mlp(arch.ffn_hidden_size), ["attn0"])
-        comp("attn1.proj_gemm", "attn1", "attn1.proj_gemm", costs.attention("proj"), ["mlp0"])
+        a1 = attn("attn1", ["mlp0"])
         comp("experts", "experts", "experts.grouped_gemm", exp_cost, ["dispatch"])
         a2a("combine", comb, comb_bwd, ["experts"])
-        comp("attn1.core", "attn1", "attn1.core_attention", costs.attention("core"), ["attn1.proj_gemm"])
-        mid_b = ["attn1.core"]
+        mid_b = a1[1:]
         if arch.dense_mlps_per_layer >= 2:
-            comp("mlp1", "mlp1", "mlp1.gemm", costs.mlp(arch.ffn_hidden_size), ["attn1.core"])
+            comp("mlp1", "mlp1", "mlp1.gemm", costs.mlp(arch.ffn_hidden_size), ["attn1"])
             mid_b.append("mlp1")
-        return _LayerMb(ops, ["attn0", "router"], ["mlp0", "attn1.proj_gemm"], ["experts"], mid_b,
+        # SBO stages: attn0 | dispatch ∥ mlp0 + attn1 projections | experts | combine ∥ rest
+        return _LayerMb(ops, a0 + ["router"], ["mlp0", a1[0]], ["experts"], mid_b,
                         "dispatch", "combine", [mid_b[-1], "combine"], deps)
     if two_blocks:  # conventional variant of a two-attention layer: MoE in sequence after attn1
-        comp("attn0", "attn0", "attn0.mla_attention", costs.attention("all"), ["IN"])
+        a0 = attn("attn0", ["IN"])
         comp("mlp0", "mlp0", "mlp0.gemm", costs.mlp(arch.ffn_hidden_size), ["attn0"])
-        comp("attn1", "attn1", "attn1.mla_attention", costs.attention("all"), ["mlp0"])
+        a1 = attn("attn1", ["mlp0"])
         comp("router", "router", "router.gemm", costs.router(), ["attn1"])
         a2a("dispatch", disp, disp_bwd, ["router"])
         comp("experts", "experts", "experts.grouped_gemm", exp_cost, ["dispatch"])
@@ -488,10 +500,10 @@ def _layer_ops(arch: MoeArch, layer: int, costs: BlockCosts, moe: tuple | None) 
         if arch.dense_mlps_per_layer >= 2:
             comp("mlp1", "mlp1", "mlp1.gemm", costs.mlp(arch.ffn_hidden_size), ["combine"])
             mid_b, out = ["mlp1"], ["mlp1"]
-        return _LayerMb(ops, ["attn0", "mlp0", "attn1", "router"], [], ["experts"], mid_b,
+        return _LayerMb(ops, a0 + ["mlp0"] + a1 + ["router"], [], ["experts"], mid_b,
                         "dispatch", "combine", out, deps)
     # conventional single-attention layer (DeepSeek-V3 style): shared expert beside the routed
-    comp("attn0", "attn0", "attn0.mla_attention", costs.attention("all"), ["IN"])
+    a0 = attn("attn0", ["IN"])
     comp("router", "router", "router.gemm", costs.router(), ["attn0"])
     a2a("dispatch", disp, disp_bwd, ["router"])
     mid_a, out = [], ["combine"]
@@ -501,7 +513,7 @@ def _layer_ops(arch: MoeArch, layer: int, costs: BlockCosts, moe: tuple | None) 
         mid_a, out = ["shared"], ["combine", "shared"]
     comp("experts", "experts", "experts.grouped_gemm", exp_cost, ["dispatch"])
     a2a("combine", comb, comb_bwd, ["experts"])
-    return _LayerMb(ops, ["attn0", "router"], mid_a, ["experts"], [], "dispatch", "combine", out, deps)
+    return _LayerMb(ops, a0 + ["router"], mid_a, ["experts"], [], "dispatch", "combine", out, deps)
 
 
 def _schedule_layer(layers: list[_LayerMb], schedule: Schedule) -> list[tuple[int, str]]:
@@ -550,6 +562,11 @@ class Workload:
     model_flops: float  # sum of the ops' FLOPs
 
 
+def stage_layer_ranges(num_layers: int, pp: int) -> list[list[int]]:
+    """Layers of each pipeline stage: contiguous, sizes differing by at most one."""
+    return [a.tolist() for a in np.array_split(np.arange(num_layers), pp)]
+
+
 def build_workload(config: object, plan: ParallelPlan, rng: np.random.Generator) -> pa.Table:
     """The ops table of one step of `config` (a LongcatConfig or a MoeArch) under `plan`."""
     return generate(config, plan, rng).ops
@@ -559,6 +576,8 @@ def generate(config: object, plan: ParallelPlan, rng: np.random.Generator) -> Wo
     """Build one step. Raises SimulationError for a plan that cannot run the model."""
     arch = config if isinstance(config, MoeArch) else arch_from_longcat(config)
     plan.validate(arch)
+    if plan.dispatch_bytes <= 0:
+        plan.dispatch_bytes = 1.0
     G, pp = plan.gpus, plan.pp
     S = G // pp  # ranks per stage
     m_total = plan.n_micro
@@ -569,7 +588,7 @@ def generate(config: object, plan: ParallelPlan, rng: np.random.Generator) -> Wo
     expert_probs = expert_distribution(arch, plan.routing, rng)
     ep = plan.ep_size
     h = arch.hidden_size
-    per_stage = -(-arch.num_layers // pp)
+    stage_layers = stage_layer_ranges(arch.num_layers, pp)
     train = plan.mode == "train"
     group_size = 2 if plan.schedule == "tbo" else 1
     mb_groups = [list(range(i, min(i + group_size, m_total))) for i in range(0, m_total, group_size)]
@@ -579,7 +598,7 @@ def generate(config: object, plan: ParallelPlan, rng: np.random.Generator) -> Wo
     zero_slots = all_slots = 0.0
     templates: list[_Template] = []
     for stage in range(pp):
-        layers = list(range(stage * per_stage, min((stage + 1) * per_stage, arch.num_layers)))
+        layers = stage_layers[stage]
         routing: dict[tuple[int, int], tuple] = {}
         for layer in layers:
             if not arch.is_moe_layer(layer):
@@ -654,7 +673,7 @@ def _stage_template(
                 t = tpl.add(op)
                 fwd.append(t)
                 index[(mi, key)] = prev = t
-                if plan.tp > 1 and op.label.rsplit("/", 1)[-1] in ("attn0", "attn1") and key != "attn1.proj_gemm":
+                if plan.tp > 1 and key in ("attn0", "attn1"):  # after the output projection
                     ar = tpl.add(_Op("comm", "comm", f"{key}.tp_all_reduce", op.label, [t], coll="all_reduce",
                                      group="tp", coll_bytes=act_bytes * plan.tp))
                     fwd.append(ar)
@@ -668,7 +687,7 @@ def _stage_template(
                 t = tpl.add(_Op("compute", "compute", "lm_head.gemm", "head", list(inputs[m]), hc.flops, hc.bytes))
                 fwd.append(t)
                 if plan.mtp:  # the draft module: one attention block, one dense FFN, the head
-                    a = costs.attention("all")
+                    a = costs.attention("proj") + costs.attention("core") + costs.attention("out")
                     ffn = costs.mlp(arch.ffn_hidden_size or arch.dense_ffn_hidden_size)
                     t1 = tpl.add(_Op("compute", "compute", "mtp.mla_attention", "mtp", [t], a.flops, a.bytes))
                     t2 = tpl.add(_Op("compute", "compute", "mtp.gemm", "mtp", [t1], ffn.flops, ffn.bytes))
@@ -690,8 +709,13 @@ def _stage_template(
         deps = bwd_last_by_layer.get(f"L{layer}", [])
         ar_ids.append(tpl.add(_Op("dp", "comm", f"grad_all_reduce.L{layer}", "optimizer", deps,
                                   coll="all_reduce", group="dp", coll_bytes=dense)))
-    params = sum(arch.layer_params(i, arch.n_routed_experts / plan.ep_size) for i in layers)
-    tpl.add(_Op("compute", "compute", "optimizer.adam_elementwise", "optimizer", ar_ids, 10.0 * params, 16.0 * params))
+    # Adam on this rank's shard (distributed optimizer): dense weights split over the stage's
+    # ranks, experts over the EP-group copies; ~10 FLOPs and 16 bytes of state traffic per weight
+    stage_ranks, ep = plan.gpus // pp, plan.ep_size
+    dense = sum(arch.layer_params(i, 0) for i in layers)
+    experts = sum(arch.n_routed_experts / ep * arch.expert_params() for i in layers if arch.is_moe_layer(i))
+    shard = dense / stage_ranks + experts / (stage_ranks // ep)
+    tpl.add(_Op("compute", "compute", "optimizer.adam_elementwise", "optimizer", ar_ids, 10.0 * shard, 16.0 * shard))
     return tpl
 
 

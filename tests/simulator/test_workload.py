@@ -176,7 +176,7 @@ def test_determinism_with_seed():
 
 
 # ------------------------------------------------------------------------- graph shape
-@pytest.mark.parametrize("schedule,per_layer", [("sequential", 9), ("sbo", 9), ("tbo", 18)])
+@pytest.mark.parametrize("schedule,per_layer", [("sequential", 12), ("sbo", 12), ("tbo", 24)])
 def test_op_counts_per_rank(schedule, per_layer):
     plan = ParallelPlan(gpus=8, mode="decode", batch_per_gpu=4, context=64, schedule=schedule, mtp=True,
                         mtp_accept=0.8)
