@@ -77,16 +77,15 @@ def grouped_expert_ffn(
     if sum(counts) != x_MD.shape[0]:
         raise ValueError(f"grouped_expert_ffn: counts sum to {sum(counts)}, x has {x_MD.shape[0]} rows")
     inter = down_proj.shape[2]
-    # unbind once: indexing gate_up_proj[e] per expert would make autograd build one
-    # full-size zero gradient per expert; unbind's backward stacks them in one tensor.
+    # Split and unbind once: indexing x_MD[a:b] or gate_up_proj[e] per expert would make
+    # autograd build one full-size zero gradient per expert; split/unbind backward is one cat.
     gate_up_EFD, down_EDI = gate_up_proj.unbind(0), down_proj.unbind(0)
-    outputs, start = [], 0
-    for e, n in enumerate(counts):  # a loop over experts, never over tokens
-        if n == 0:
+    outputs = []
+    for e, x_nD in enumerate(x_MD.split(counts)):  # a loop over experts, never over tokens
+        if x_nD.shape[0] == 0:
             continue
-        gate_MI, up_MI = F.linear(x_MD[start : start + n], gate_up_EFD[e]).split(inter, dim=-1)
-        outputs.append(F.linear(F.silu(gate_MI) * up_MI, down_EDI[e]))
-        start += n
+        gate_nI, up_nI = F.linear(x_nD, gate_up_EFD[e]).split(inter, dim=-1)
+        outputs.append(F.linear(F.silu(gate_nI) * up_nI, down_EDI[e]))
     if not outputs:
         return x_MD.new_zeros(0, down_proj.shape[1])
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
