@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import gzip
 import json
+import logging
 import os
 import platform
 import statistics
@@ -158,8 +159,10 @@ def spawn_ranks(
     status_dir = Path(status_dir)
     status_dir.mkdir(parents=True, exist_ok=True)
     for r in range(world_size):
-        for path in (_error_path(status_dir, r), _progress_path(status_dir, r)):
+        for path in (_error_path(status_dir, r), _progress_path(status_dir, r), _log_path(status_dir, r)):
             path.unlink(missing_ok=True)
+    # torch logs a warning per rank it stops; the RankFailure message says it once.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     # The parent hosts the rendezvous store on a port the OS picks: two runs never collide.
     store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
     deadline = time.monotonic() + timeout_s
@@ -188,6 +191,8 @@ def spawn_ranks(
                 process.kill()
                 process.join()
         del store
+    for r in range(world_size):  # success: the logs hold only the profiler's chatter
+        _log_path(status_dir, r).unlink(missing_ok=True)
 
 
 def _spawned_rank(
@@ -201,6 +206,15 @@ def _spawned_rank(
     status_dir: str,
     args: tuple,
 ) -> None:
+    # The rank's stdout/stderr (Kineto prints a line at every profiler start/stop) go to a
+    # hidden log in the run dir, so the terminal shows moesim's own output only.
+    log_fd = os.open(_log_path(Path(status_dir), rank), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+
     import torch
     import torch.distributed as dist
 
@@ -252,6 +266,10 @@ def _error_path(status_dir: Path, rank: int) -> Path:
     return status_dir / f".rank{rank}.error"
 
 
+def _log_path(status_dir: Path, rank: int) -> Path:
+    return status_dir / f".rank{rank}.log"
+
+
 def _progress_path(status_dir: Path, rank: int) -> Path:
     return status_dir / f".rank{rank}.progress"
 
@@ -290,7 +308,8 @@ def _first_error(status_dir: Path, world_size: int, err: BaseException) -> str:
     if not records:
         return f"rank {getattr(err, 'error_index', '?')}: {str(err).strip().splitlines()[-1]}"
     first = min(records, key=lambda rec: rec["time"])
-    return f"rank {first['rank']} failed: {first['error']} (traceback in {_error_path(status_dir, first['rank'])})"
+    return (f"rank {first['rank']} failed: {first['error']} "
+            f"(traceback in {_error_path(status_dir, first['rank'])}, output in {_log_path(status_dir, first['rank'])})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""Live runs on 2 CPU ranks: shortcut vs sequential schedule, and the profiler's overhead.
+
+    python3 tests/benchmarks/bench_profile.py [--preset small] [--mode prefill] [--rounds 3]
+
+Runs `traces.capture` back to back, alternating the configurations round by round so slow
+drift in machine load hits all of them alike, and prints per configuration the median over
+rounds of each run's median step time (max over ranks per step), then
+    shortcut / sequential        (< 1: the shortcut schedule wins)
+    profiled / unprofiled        (profiler overhead; aim <= 1.05)
+plus where the time of one layer goes on rank 0 (from the traces of the profiled runs): the
+labelled spans of each block and the gloo all-to-all transfers on gloo's thread. The machine's
+load average is printed before and after: on a shared 2-core machine, figures taken under load
+are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from traces.capture import CaptureSpec, capture  # noqa: E402
+from traces.rundir import read_run_json  # noqa: E402
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _one(out: Path, args: argparse.Namespace, schedule: str, profiler: bool) -> dict:
+    spec = CaptureSpec(
+        out_dir=str(out), preset=args.preset, world_size=2, schedule=schedule, mode=args.mode,
+        batch=args.batch, seq=args.seq, context=args.context, steps=args.steps, warmup=args.warmup,
+        threads=args.threads, profiler=profiler, timeout_s=900,
+    )
+    capture(spec)
+    return read_run_json(out)
+
+
+def _block_breakdown(run_dir: Path, rank: int = 0) -> dict[str, float]:
+    """Mean µs per step of each labelled block (summed over layers) and of the gloo transfers."""
+    with gzip.open(run_dir / f"rank{rank}.pt.trace.json.gz", "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    steps = sum(e["name"].startswith("ProfilerStep#") for e in events)
+    total: dict[str, float] = defaultdict(float)
+    for e in events:
+        name = e["name"]
+        if name.startswith("L") and "/" in name:
+            total[name.split("/", 1)[1]] += e["dur"]
+        elif name.startswith("gloo:"):
+            total[name] += e["dur"]
+        elif name.startswith("ProfilerStep#"):
+            total["step"] += e["dur"]
+    return {k: v / max(steps, 1) for k, v in total.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--mode", default="prefill")
+    parser.add_argument("--batch", type=int, default=8, help="global sequences (4 per rank)")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--context", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    configs = [("sequential", True), ("shortcut", True), ("shortcut", False), ("sequential", False)]
+    medians: dict[tuple[str, bool], list[float]] = defaultdict(list)
+    breakdown: dict[str, dict[str, float]] = {}
+    load_before = _load()
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            for schedule, profiler in configs:
+                out = Path(tmp) / f"{schedule}-{int(profiler)}-{round_index}"
+                run = _one(out, args, schedule, profiler)
+                medians[(schedule, profiler)].append(run["step_time_us_median"])
+                print(f"round {round_index}  {schedule:<10} profiler={'on ' if profiler else 'off'} "
+                      f"median step {run['step_time_us_median'] / 1e3:8.2f} ms   load {_load()}", flush=True)
+                if profiler and round_index == args.rounds - 1:
+                    breakdown[schedule] = _block_breakdown(out)
+    load_after = _load()
+
+    med = {key: statistics.median(values) for key, values in medians.items()}
+    ratio_schedule = med[("shortcut", True)] / med[("sequential", True)]
+    ratio_schedule_off = med[("shortcut", False)] / med[("sequential", False)]
+    overhead = {s: med[(s, True)] / med[(s, False)] for s in ("sequential", "shortcut")}
+    print()
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"load average before {load_before}, after {load_after}; {time.time() - started:.0f} s")
+    print(f"config: preset {args.preset}, mode {args.mode}, 2 gloo ranks, batch {args.batch} x {args.seq}, "
+          f"{args.threads} thread(s)/rank, {args.steps} steps after {args.warmup} warmup, {args.rounds} rounds")
+    for (schedule, profiler), value in sorted(med.items()):
+        print(f"  {schedule:<10} profiler {'on ' if profiler else 'off'}  median step {value / 1e3:8.2f} ms")
+    print(f"shortcut / sequential  (profiler on)  = {ratio_schedule:.3f}")
+    print(f"shortcut / sequential  (profiler off) = {ratio_schedule_off:.3f}")
+    for schedule, value in overhead.items():
+        print(f"profiled / unprofiled ({schedule}) = {value:.3f}  ({(value - 1) * 100:+.1f}%)")
+    print("\nper step on rank 0, µs (labelled spans summed over layers; gloo = transfer on gloo's thread):")
+    keys = sorted({k for b in breakdown.values() for k in b})
+    print("  " + " ".join(f"{k:>16}" for k in ["block"] + list(breakdown)))
+    for k in keys:
+        print("  " + f"{k:>16}" + " ".join(f"{breakdown[s].get(k, 0.0):16.0f}" for s in breakdown))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "load_before": load_before, "load_after": load_after, "medians_us": {f"{s}/{int(p)}": v for (s, p), v in med.items()},
+            "runs_us": {f"{s}/{int(p)}": v for (s, p), v in medians.items()},
+            "shortcut_over_sequential": ratio_schedule, "shortcut_over_sequential_unprofiled": ratio_schedule_off,
+            "profiler_overhead": overhead, "breakdown_us": breakdown,
+        }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
