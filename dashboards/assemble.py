@@ -72,11 +72,13 @@ def sections_for(
         ov = Section("Overlap", "Comm per layer and block, split into hidden (behind compute) and exposed, beside "
                      "its overlap window (compute the dependency graph lets run concurrently). Runs with "
                      "different schedules sit side by side.")
-        for make in (overlap.label_figure, overlap.rank_overlap_figure):
-            fig, notes = make(runs)
-            ov.notes += notes
-            if fig is not None:
-                ov.figures.append(fig)
+        figs, notes = overlap.label_figures(runs)
+        ov.figures += figs
+        ov.notes += notes
+        fig, notes = overlap.rank_overlap_figure(runs)
+        ov.notes += notes
+        if fig is not None:
+            ov.figures.append(fig)
         sections.append(ov)
 
     if runs or train_log is not None:

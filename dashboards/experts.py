@@ -1,24 +1,27 @@
 """View 3, Zero experts: what the router's zero-computation experts do to the work.
 
-Reads routing statistics from metrics.json, or from run.json `routing` (per-layer lists),
-and the PID controller curves from a `moesim train` log (train_log.csv). Keys looked for
-(the first one present wins; any may be absent, and a figure whose data is absent is
-skipped with a note):
-    ffn_experts_per_token_hist   [counts of tokens using 0, 1, ..., K FFN experts]
-    activated_params_hist        {"bin_edges": [...], "counts": [...]} (optional)
-    activated_params_mean/min/max
-    zero_share / zero_expert_share_per_layer   [share of slots routed to zero experts, per layer]
-    expert_load                  [[tokens per expert] per layer]  (layer × expert)
-Without `activated_params_hist`, the activated-parameter histogram is derived from the
-experts histogram: activated params per token are affine in the number of FFN experts
-it uses (a + b·k, the dense part is fixed), with a, b set by activated_params_min/max at
-the smallest / largest k seen. It is drawn only when the derived mean matches
-activated_params_mean within 2 % of (max − min), i.e. when the histogram counts what
-min/max/mean count (per token over all layers, not per token and layer).
-Per-rank load: FFN experts are placed contiguously on the EP ranks (expert e on rank
-e // (E / EP)); EP is run.json `ep_size` / `plan.ep_size`, else `world_size`. Zero experts
-are identities that live on no rank: when `expert_load` has n_routed_experts +
-zero_expert_num columns the last zero_expert_num are drawn but not assigned to ranks.
+Routing statistics come from metrics.json and from run.json `routing`, which holds one
+entry per MoE layer ({layer: {tokens, ffn_experts_per_token_hist, zero_expert_share,
+tokens_per_expert, rank_load_rows, ...}}, as traces/capture.py writes it). The PID
+controller curves come from a `moesim train` log (train_log.csv). For each figure the first
+source present wins; a figure whose data is absent is skipped with a note:
+    FFN experts per token    metrics `ffn_experts_per_token_hist` [tokens using 0..K], else the
+                             per-layer histograms summed (one count per token and layer)
+    activated params/token   metrics `activated_params_histogram` (or `_hist`) {edges | bin_edges,
+                             counts}, else derived (below)
+    zero share per layer     routing[layer].zero_expert_share
+    expert load              metrics `expert_load` [[tokens per expert] per layer], else
+                             routing[layer].tokens_per_expert stacked (layer × expert)
+    load per EP rank         routing[layer].rank_load_rows summed over layers, else the FFN
+                             experts' load placed contiguously (expert e on rank e // (E / EP))
+Derived activated-parameter histogram: activated params per token are affine in the
+number of FFN experts it uses (a + b·k, the dense part is fixed), with a, b set by
+activated_params_min/max at the smallest / largest k seen. It is drawn only when the
+derived mean matches activated_params_mean within 2 % of (max − min), i.e. when the
+histogram counts what min/max/mean count (per token over all layers, not per token and
+layer). EP size: run.json `parallel.expert_parallel`, `plan.ep`, else `world_size`. Zero
+experts are identities that live on no rank: expert-load columns past n_routed_experts
+are drawn in the heatmap but assigned to no rank.
 """
 
 from __future__ import annotations
@@ -32,38 +35,50 @@ from dashboards.inputs import Run
 DERIVED_MEAN_TOLERANCE = 0.02
 
 
-def _find(run: Run, *keys: str) -> object | None:
-    """The first of `keys` found in metrics.json, then in run.json `routing`, then run.json."""
-    routing = run.run.get("routing") if isinstance(run.run.get("routing"), dict) else {}
-    for source in (run.metrics or {}, routing, run.run):
-        for key in keys:
-            if key in source and source[key] is not None:
-                return source[key]
-    return None
+def _layers(run: Run) -> list[dict]:
+    """run.json `routing` as a list of per-layer dicts, in layer order ([] if absent)."""
+    routing = run.run.get("routing")
+    if not isinstance(routing, dict):
+        return []
+    keys = [k for k in routing if str(k).isdigit() and isinstance(routing[k], dict)]
+    return [routing[k] for k in sorted(keys, key=int)]
 
 
 def _number(run: Run, key: str) -> float | None:
-    value = _find(run, key)
+    value = (run.metrics or {}).get(key)
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def experts_hist(run: Run) -> np.ndarray | None:
-    """(K+1,) token counts using 0..K FFN experts, or None."""
-    hist = _find(run, "ffn_experts_per_token_hist")
-    if not isinstance(hist, list) or not hist:
+def _per_layer_lists(run: Run, key: str) -> np.ndarray | None:
+    """Stack routing[layer][key] lists into (layers, n); None unless every layer has one."""
+    rows = [layer.get(key) for layer in _layers(run)]
+    if not rows or not all(isinstance(r, list) and r for r in rows) or len({len(r) for r in rows}) != 1:
         return None
-    counts = np.asarray(hist, dtype=np.float64)
+    return np.asarray(rows, dtype=np.float64)
+
+
+def experts_hist(run: Run) -> np.ndarray | None:
+    """(K+1,) counts of tokens (or token × layer) using 0..K FFN experts, or None."""
+    hist = (run.metrics or {}).get("ffn_experts_per_token_hist")
+    if isinstance(hist, list) and hist:
+        counts = np.asarray(hist, dtype=np.float64)
+    else:
+        per_layer = _per_layer_lists(run, "ffn_experts_per_token_hist")
+        if per_layer is None:
+            return None
+        counts = per_layer.sum(axis=0)
     return counts if counts.ndim == 1 and counts.sum() > 0 and (counts >= 0).all() else None
 
 
 def activated_hist(run: Run) -> tuple[np.ndarray, np.ndarray, str] | None:
     """(x params, token counts, how) for the activated-parameter histogram, or None."""
-    given = _find(run, "activated_params_hist")
-    if isinstance(given, dict) and given.get("counts") and given.get("bin_edges"):
-        edges = np.asarray(given["bin_edges"], dtype=np.float64)
+    metrics = run.metrics or {}
+    given = metrics.get("activated_params_histogram") or metrics.get("activated_params_hist")
+    if isinstance(given, dict) and given.get("counts"):
+        edges = np.asarray(given.get("edges") or given.get("bin_edges") or [], dtype=np.float64)
         counts = np.asarray(given["counts"], dtype=np.float64)
-        if edges.size == counts.size + 1:
-            return (edges[:-1] + edges[1:]) / 2, counts, "from activated_params_hist"
+        if edges.size == counts.size + 1 and counts.sum() > 0:
+            return (edges[:-1] + edges[1:]) / 2, counts, "per token over all layers"
     counts = experts_hist(run)
     lo, hi, mean = (_number(run, k) for k in ("activated_params_min", "activated_params_max", "activated_params_mean"))
     if counts is None or lo is None or hi is None or mean is None:
@@ -82,39 +97,50 @@ def activated_hist(run: Run) -> tuple[np.ndarray, np.ndarray, str] | None:
 
 
 def zero_share_per_layer(run: Run) -> np.ndarray | None:
-    values = _find(run, "zero_share", "zero_expert_share_per_layer", "zero_share_per_layer")
-    if isinstance(values, list) and values and all(isinstance(v, (int, float)) for v in values):
-        return np.asarray(values, dtype=np.float64)
+    """(layers,) share of routing slots sent to zero experts, or None."""
+    shares = [layer.get("zero_expert_share") for layer in _layers(run)]
+    if shares and all(isinstance(v, (int, float)) for v in shares):
+        return np.asarray(shares, dtype=np.float64)
     return None
 
 
 def expert_load(run: Run) -> np.ndarray | None:
     """(layers, experts) token counts, or None."""
-    load = _find(run, "expert_load")
-    if not isinstance(load, list) or not load:
-        return None
-    try:
-        arr = np.asarray(load, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    return arr if arr.ndim == 2 and arr.size else None
+    load = (run.metrics or {}).get("expert_load")
+    if isinstance(load, list) and load:
+        try:
+            arr = np.asarray(load, dtype=np.float64)
+        except (TypeError, ValueError):
+            return None
+        arr = arr[None, :] if arr.ndim == 1 else arr
+        return arr if arr.ndim == 2 and arr.size else None
+    return _per_layer_lists(run, "tokens_per_expert")
 
 
-def rank_load(run: Run, load: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """(EP,) tokens per EP rank summed over layers, and the number of FFN experts placed."""
-    config = run.run.get("config") if isinstance(run.run.get("config"), dict) else {}
+def _ep_size(run: Run) -> int | None:
+    parallel = run.run.get("parallel") if isinstance(run.run.get("parallel"), dict) else {}
     plan = run.run.get("plan") if isinstance(run.run.get("plan"), dict) else {}
-    ep = run.run.get("ep_size") or plan.get("ep_size") or plan.get("ep") or run.run.get("world_size")
+    for value in (parallel.get("expert_parallel"), plan.get("ep"), run.run.get("world_size")):
+        if isinstance(value, int) and value >= 1:
+            return value
+    return None
+
+
+def rank_load(run: Run, load: np.ndarray | None) -> tuple[np.ndarray, str] | None:
+    """(EP,) tokens per EP rank summed over layers, and where the figure came from."""
+    rows = _per_layer_lists(run, "rank_load_rows")
+    if rows is not None:
+        return rows.sum(axis=0), "rank_load_rows in run.json"
+    if load is None:
+        return None
+    config = run.run.get("config") if isinstance(run.run.get("config"), dict) else {}
     n_ffn = int(config.get("n_routed_experts") or load.shape[1])
-    n_zero = int(config.get("zero_expert_num") or 0)
-    if load.shape[1] not in (n_ffn, n_ffn + n_zero):
-        n_ffn = load.shape[1]
-    if not isinstance(ep, int) or ep < 1 or n_ffn % ep:
+    n_ffn = min(n_ffn, load.shape[1])
+    ep = _ep_size(run)
+    if ep is None or n_ffn % ep:
         return None
     per_rank = load[:, :n_ffn].sum(axis=0).reshape(ep, n_ffn // ep).sum(axis=1)
-    return per_rank, n_ffn
+    return per_rank, f"{n_ffn} FFN experts placed contiguously on {ep} ranks"
 
 
 def routing_figures(runs: list[Run]) -> tuple[list[go.Figure], list[str]]:
@@ -129,14 +155,14 @@ def routing_figures(runs: list[Run]) -> tuple[list[go.Figure], list[str]]:
     for run in runs:
         counts = experts_hist(run)
         if counts is None:
-            notes.append(f"Zero experts: {run.name} has no ffn_experts_per_token_hist")
+            notes.append(f"Zero experts: {run.name} has no FFN-experts-per-token histogram")
         else:
             hist_fig.add_trace(go.Bar(x=np.arange(counts.size), y=counts / counts.sum(), name=run.name,
                                       customdata=counts, hovertemplate="%{x} experts: %{customdata:.0f} tokens<extra></extra>"))
         act = activated_hist(run)
         if act is None:
             notes.append(f"Zero experts: {run.name} has no activated-parameter histogram "
-                         "(needs activated_params_hist, or the experts histogram with consistent min/max/mean)")
+                         "(needs activated_params_histogram, or an experts histogram consistent with min/max/mean)")
         else:
             x, c, how = act
             act_how.add(how)
@@ -165,21 +191,22 @@ def routing_figures(runs: list[Run]) -> tuple[list[go.Figure], list[str]]:
     for run in runs:
         load = expert_load(run)
         if load is None:
-            notes.append(f"Zero experts: {run.name} has no expert_load (layer × expert)")
-            continue
-        figs.append(_heatmap(run, load))
+            notes.append(f"Zero experts: {run.name} has no expert load (layer × expert)")
+        else:
+            figs.append(_heatmap(run, load))
         placed = rank_load(run, load)
         if placed is None:
-            notes.append(f"Zero experts: {run.name}: per-rank load skipped (EP size unknown or does not divide the experts)")
+            notes.append(f"Zero experts: {run.name}: no load per EP rank (no rank_load_rows, or EP size unknown "
+                         "or not dividing the experts)")
             continue
-        per_rank, n_ffn = placed
+        per_rank, how = placed
         mean = per_rank.mean()
         bars = go.Figure(go.Bar(x=np.arange(per_rank.size), y=per_rank, name="tokens", marker_color="#1f77b4"))
         bars.add_hline(y=mean, line_dash="dash", annotation_text="mean")
         ratio = per_rank.max() / mean if mean > 0 else float("nan")
-        bars.update_layout(title=f"{run.name}: FFN-expert load per EP rank ({n_ffn} experts on {per_rank.size} "
-                                 f"ranks); max/mean {ratio:.2f}",
-                           xaxis_title="EP rank", yaxis_title="tokens (all layers)", height=340)
+        bars.update_layout(title=f"{run.name}: FFN-expert load per EP rank ({how}); max/mean {ratio:.2f}",
+                           xaxis=dict(title="EP rank", type="category" if per_rank.size <= 32 else "linear"),
+                           yaxis_title="tokens (all layers)", height=340)
         figs.append(bars)
     return figs, notes
 
@@ -187,6 +214,11 @@ def routing_figures(runs: list[Run]) -> tuple[list[go.Figure], list[str]]:
 def _heatmap(run: Run, load: np.ndarray) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=load, colorscale="Viridis", colorbar=dict(title="tokens"),
                                hovertemplate="layer %{y}, expert %{x}: %{z:.0f} tokens<extra></extra>"))
+    config = run.run.get("config") if isinstance(run.run.get("config"), dict) else {}
+    n_ffn = config.get("n_routed_experts")
+    if isinstance(n_ffn, int) and 0 < n_ffn < load.shape[1]:
+        fig.add_vline(x=n_ffn - 0.5, line_color="white", line_dash="dash",
+                      annotation_text="zero experts →", annotation_position="top right")
     fig.update_layout(title=f"{run.name}: expert load (layer × expert)", xaxis_title="expert",
                       yaxis_title="layer", height=max(300, min(800, 120 + 14 * load.shape[0])))
     return fig

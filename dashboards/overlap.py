@@ -5,7 +5,9 @@ time into hidden and exposed, with the label's overlap window (compute the depen
 graph lets run beside it) as a second bar beside it: window ≥ comm means the schedule
 *can* hide the comm, hidden says it *did*. Runs are placed side by side as columns with a
 shared label axis, so a sequential and a shortcut (ScMoE) run compare row by row; runs are
-told apart by run.json `schedule`. A second figure gives overlap % per rank for each run.
+told apart by run.json `schedule`. Runs of different presets (models) get one such figure
+each, since their labels and times do not compare row by row. A second figure gives
+overlap % per rank for each run.
 """
 
 from __future__ import annotations
@@ -40,7 +42,23 @@ def label_rows(run: Run) -> list[dict]:
     return out
 
 
-def label_figure(runs: list[Run]) -> tuple[go.Figure | None, list[str]]:
+def label_figures(runs: list[Run]) -> tuple[list[go.Figure], list[str]]:
+    """One side-by-side figure per model preset (runs of one preset share their label and µs
+    axes; runs of different models are not comparable row by row). Returns (figures, notes)."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(str(run.run.get("preset") or "?"), []).append(run)
+    figs: list[go.Figure] = []
+    notes: list[str] = []
+    for preset, members in groups.items():
+        fig, group_notes = label_figure(members, title_suffix=f" ({preset})" if len(groups) > 1 else "")
+        notes += group_notes
+        if fig is not None:
+            figs.append(fig)
+    return figs, notes
+
+
+def label_figure(runs: list[Run], title_suffix: str = "") -> tuple[go.Figure | None, list[str]]:
     """Hidden / exposed comm and window per label, one column per run. Returns (fig, notes)."""
     notes: list[str] = []
     usable = []
@@ -87,7 +105,7 @@ def label_figure(runs: list[Run]) -> tuple[go.Figure | None, list[str]]:
     fig.update_yaxes(categoryorder="array", categoryarray=order, autorange="reversed")
     fig.update_xaxes(matches="x")  # one µs scale across runs
     fig.update_layout(barmode="group", height=min(260 + 22 * len(order), 3200), margin=dict(t=120),
-                      title="Comm per label: hidden vs exposed, beside its overlap window")
+                      title=f"Comm per label: hidden vs exposed, beside its overlap window{title_suffix}")
     return fig, notes
 
 

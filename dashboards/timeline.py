@@ -286,15 +286,20 @@ def rank_bars_figure(run: Run, shown_ranks: list[int]) -> go.Figure | None:
         go.Scatter(x=x, y=col("hidden_comm_us"), mode="markers", name="hidden comm",
                    marker=dict(color=OVERLAP_COLOUR, symbol="diamond", size=7))
     )
-    if shown_ranks:
+    shown = [r for r in shown_ranks if r in set(x.tolist())]
+    if shown:
         top = (col("compute_us") + col("exposed_comm_us") + col("idle_us")).max()
         fig.add_trace(
-            go.Scatter(x=shown_ranks, y=[top * 1.05] * len(shown_ranks), mode="markers", name="in timeline",
+            go.Scatter(x=shown, y=[top * 1.05] * len(shown), mode="markers", name="in timeline",
                        marker=dict(symbol="triangle-down", size=10, color="black"))
         )
+    world = run.run.get("world_size")
+    which = (f"all {len(ranks)} ranks" if not isinstance(world, int) or world == len(ranks)
+             else f"{len(ranks)} of {world} ranks, as sampled in metrics.json")
+    contiguous = x.tolist() == list(range(len(x)))
     fig.update_layout(
-        barmode="stack", title=f"{run.name}: per-rank time per step (all {len(ranks)} ranks)",
-        xaxis=dict(title="rank", type="category" if len(ranks) <= 32 else "linear"),
+        barmode="stack", title=f"{run.name}: per-rank time per step ({which})",
+        xaxis=dict(title="rank", type="category" if contiguous and len(ranks) <= 32 else "linear"),
         yaxis_title="µs per step", height=380,
     )
     return fig

@@ -84,38 +84,50 @@ def make_ops_columns(world_size: int, n_layers: int, n_steps: int, shortcut: boo
     return cols
 
 
-def routing_stats(n_layers: int, n_ffn: int, n_zero: int, topk: int, n_tokens: int,
-                  rng: np.random.Generator) -> dict:
-    """Routing figures of a seeded router: each token picks `topk` of n_ffn + n_zero experts per layer.
+def routing_stats(n_layers: int, n_ffn: int, n_zero: int, topk: int, n_tokens: int, world_size: int,
+                  rng: np.random.Generator) -> tuple[dict, dict]:
+    """A seeded router: each token picks `topk` of n_ffn + n_zero experts in every layer.
 
-    activated params per token = DENSE + (FFN experts used, all layers) · EXPERT params.
+    Returns (run.json `routing` in traces/capture.py's per-layer layout, metrics.json routing
+    keys). activated params per token = DENSE + (FFN experts used, all layers) · EXPERT params.
     """
     dense, per_expert = 2.0e9, 25.0e6
     popularity = rng.dirichlet(np.full(n_ffn + n_zero, 2.0), size=n_layers)
-    load = np.zeros((n_layers, n_ffn + n_zero))
+    load = np.zeros((n_layers, n_ffn + n_zero), dtype=np.int64)
     ffn_used = np.zeros((n_tokens, n_layers), dtype=np.int64)
     for layer in range(n_layers):
         for t in range(n_tokens):
             chosen = rng.choice(n_ffn + n_zero, size=topk, replace=False, p=popularity[layer])
             load[layer, chosen] += 1
             ffn_used[t, layer] = int(np.sum(chosen < n_ffn))
-    total = ffn_used.sum(axis=1)
-    activated = dense + total * per_expert
+    n_local = n_ffn // world_size
+    routing = {}
+    for layer in range(n_layers):
+        ffn = load[layer, :n_ffn]
+        rows = [int(ffn[r * n_local:(r + 1) * n_local].sum()) for r in range(world_size)]
+        routing[str(layer)] = {
+            "tokens": n_tokens,
+            "ffn_experts_per_token_mean": float(ffn_used[:, layer].mean()),
+            "ffn_experts_per_token_hist": np.bincount(ffn_used[:, layer], minlength=topk + 1).tolist(),
+            "zero_expert_share": float(load[layer, n_ffn:].sum() / (n_tokens * topk)),
+            "tokens_per_expert": load[layer].tolist(),
+            "expert_load_max_over_mean": float(ffn.max() / ffn.mean()),
+            "rank_load_rows": rows,
+            "rank_load_max_over_mean": float(max(rows) / np.mean(rows)),
+        }
+    activated = dense + ffn_used.sum(axis=1) * per_expert
     edges = np.linspace(activated.min(), activated.max() + 1, 9)
     counts, _ = np.histogram(activated, bins=edges)
-    ffn_load = load[:, :n_ffn]
-    return {
+    metrics = {
         "ffn_experts_per_token_mean": float(ffn_used.mean()),
-        "ffn_experts_per_token_hist": np.bincount(ffn_used.ravel(), minlength=topk + 1).tolist(),
         "activated_params_mean": float(activated.mean()),
         "activated_params_min": float(activated.min()),
         "activated_params_max": float(activated.max()),
-        "activated_params_hist": {"bin_edges": edges.tolist(), "counts": counts.tolist()},
+        "activated_params_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
         "zero_expert_share": float(load[:, n_ffn:].sum() / load.sum()),
-        "zero_share": (load[:, n_ffn:].sum(axis=1) / load.sum(axis=1)).tolist(),
-        "expert_load": load.tolist(),
-        "expert_load_max_over_mean": float((ffn_load.max(axis=1) / ffn_load.mean(axis=1)).mean()),
+        "expert_load_max_over_mean": float(np.mean([r["expert_load_max_over_mean"] for r in routing.values()])),
     }
+    return routing, metrics
 
 
 def make_run(path: Path, *, world_size: int = 2, schedule: str = "sbo", source: str = "live", n_layers: int = 3,
@@ -140,8 +152,8 @@ def make_run(path: Path, *, world_size: int = 2, schedule: str = "sbo", source: 
            "step_times_us": step_times,
            "step_time_us_median": float(np.median([max(v[s] for v in step_times.values()) for s in range(n_steps)]))}
     if routing:
-        stats = routing_stats(n_layers, n_ffn, n_zero, 4, 64, rng)
-        run["routing"] = {"zero_share": stats.pop("zero_share")}
+        run["routing"], stats = routing_stats(n_layers, n_ffn, n_zero, 4, 64, world_size, rng)
+        run["parallel"] = {"expert_parallel": world_size, "experts_per_rank": n_ffn // world_size}
     rundir.write_json_atomic(path / rundir.RUN_JSON, run)
     if metrics:
         obj = compute_metrics(ops)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +41,7 @@ def test_missing_optional_inputs_become_notes(inputs, tmp_path):
     # ops only: the timeline and (metrics computed from the ops) overlap apply; routing does not
     assert "Timeline" in built.views and "Overlap" in built.views and "Zero experts" not in built.views
     assert any("no metrics.json" in n for n in built.notes)
-    assert any("expert_load" in n for n in built.notes)
+    assert any("no expert load" in n for n in built.notes)
     html = (tmp_path / "bare.html").read_text()
     assert "no metrics.json" in html  # the page says what it skipped
 
@@ -135,3 +136,37 @@ def test_ops_columns_fixture_is_valid():
             e = s + np.array([cols["dur_us"][i] for i in idx])
             order = np.argsort(s)
             assert (s[order][1:] >= e[order][:-1] - 1e-9).all()
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "traces" / "samples"
+
+
+@pytest.mark.slow
+def test_real_live_runs_parsed_by_moesim_parse(tmp_path, capsys):
+    """The committed live 2-rank runs (shortcut and sequential), parsed by `moesim parse`:
+    every view that applies is drawn from what the real pipeline writes."""
+    import shutil
+
+    runs = []
+    for name in ("tiny-prefill-shortcut", "tiny-prefill-sequential"):
+        if not (SAMPLES / name / rundir.RUN_JSON).is_file():
+            pytest.skip(f"{SAMPLES / name} absent")
+        shutil.copytree(SAMPLES / name, tmp_path / name)
+        assert main(["parse", str(tmp_path / name)]) == 0
+        runs.append(tmp_path / name)
+    capsys.readouterr()
+    loaded = [load_run(r) for r in runs]
+    sections = {s.title: s for s in sections_for(loaded)}
+    assert set(sections) == {"Timeline", "Overlap", "Zero experts"}
+    for section in sections.values():
+        for fig in section.figures:
+            assert _traces_have_data(fig), f"{section.title}: {fig.layout.title.text}"
+    (side_by_side, per_rank) = sections["Overlap"].figures
+    titles = [a.text for a in side_by_side.layout.annotations]
+    assert titles[0].startswith("shortcut") and titles[1].startswith("sequential")
+    ze_titles = [f.layout.title.text for f in sections["Zero experts"].figures]
+    assert "FFN experts per token" in ze_titles
+    assert any("expert load (layer × expert)" in t for t in ze_titles)
+    assert any("per EP rank" in t for t in ze_titles)
+    built = dashboards.build(runs, tmp_path / "live.html")
+    assert built.size_bytes < 20e6

@@ -127,37 +127,65 @@ def test_overlap_per_rank_matches_metrics(inputs):
 
 def test_routing_figures_match_the_router_counts(inputs):
     run = load_run(inputs["live"])
+    layers = [run.run["routing"][k] for k in sorted(run.run["routing"], key=int)]
     figs, notes = experts.routing_figures([run])
     assert not notes
     titles = [f.layout.title.text for f in figs]
-    assert any("FFN experts per token" in t for t in titles)
+    assert titles[0] == "FFN experts per token"
     hist = figs[0].data[0]
-    assert sum(hist.y) == pytest.approx(1.0) and sum(hist.customdata) == sum(run.metrics["ffn_experts_per_token_hist"])
-    load = np.asarray(run.metrics["expert_load"])
-    per_rank, n_ffn = experts.rank_load(run, load)
-    assert n_ffn == run.run["config"]["n_routed_experts"] and per_rank.size == run.run["world_size"]
+    assert sum(hist.y) == pytest.approx(1.0)
+    assert sum(hist.customdata) == sum(layer["tokens"] for layer in layers)  # one count per token and layer
+    act = figs[1].data[0]
+    assert sum(act.customdata) == sum(run.metrics["activated_params_histogram"]["counts"])
+    assert min(act.x) * 1e9 >= run.metrics["activated_params_min"] and max(act.x) * 1e9 <= run.metrics["activated_params_max"]
+    load = experts.expert_load(run)
+    n_ffn = run.run["config"]["n_routed_experts"]
+    assert load.shape == (len(layers), n_ffn + run.run["config"]["zero_expert_num"])
+    per_rank, _ = experts.rank_load(run, load)
+    assert per_rank.size == run.run["world_size"]
     assert per_rank.sum() == pytest.approx(load[:, :n_ffn].sum())  # zero experts live on no rank
+    # the same per-rank load placed from the expert load when rank_load_rows is absent
+    for layer in layers:
+        del layer["rank_load_rows"]
+    placed, how = experts.rank_load(run, load)
+    np.testing.assert_allclose(placed, per_rank)
+    assert "contiguously" in how
     zero = experts.zero_share_per_layer(run)
-    np.testing.assert_allclose(zero, load[:, n_ffn:].sum(1) / load.sum(1))
+    np.testing.assert_allclose(zero, load[:, n_ffn:].sum(1) / (load.sum(1)))
+
+
+def test_metrics_level_routing_keys_are_read(inputs, tmp_path):
+    """The metrics.json forms: `ffn_experts_per_token_hist` and `expert_load` (layer × expert)."""
+    run = load_run(inputs["live"])
+    run.run.pop("routing")
+    run.metrics = {**run.metrics, "ffn_experts_per_token_hist": [1, 5, 9, 3, 0], "expert_load": [[3, 1, 2, 2], [0, 4, 2, 2]]}
+    np.testing.assert_array_equal(experts.experts_hist(run), [1, 5, 9, 3, 0])
+    assert experts.expert_load(run).shape == (2, 4)
+    run.run["config"] = {"n_routed_experts": 4}
+    per_rank, _ = experts.rank_load(run, experts.expert_load(run))
+    np.testing.assert_allclose(per_rank, [3 + 1 + 0 + 4, 2 + 2 + 2 + 2])
 
 
 def test_activated_hist_derived_only_when_consistent(tmp_path):
     """Derived from the experts histogram: its mean must equal activated_params_mean."""
     rng = np.random.default_rng(5)
-    one = fixtures.routing_stats(1, 8, 4, 4, 200, rng)  # one layer: per-token totals = the histogram
     run_dir = fixtures.make_run(tmp_path / "one", routing=False)
     metrics = rundir.read_json(run_dir / rundir.METRICS_JSON)
-    del one["activated_params_hist"]
-    rundir.write_json_atomic(run_dir / rundir.METRICS_JSON, {**metrics, **one})
-    x, counts, how = experts.activated_hist(load_run(run_dir))
-    assert "derived" in how
-    assert np.sum(x * counts) / counts.sum() == pytest.approx(one["activated_params_mean"], rel=1e-9)
-    assert x.min() == pytest.approx(one["activated_params_min"]) and x.max() == pytest.approx(one["activated_params_max"])
-
-    many = fixtures.routing_stats(4, 8, 4, 4, 200, rng)  # per-layer histogram: not the per-token totals
-    del many["activated_params_hist"]
-    rundir.write_json_atomic(run_dir / rundir.METRICS_JSON, {**metrics, **many})
-    assert experts.activated_hist(load_run(run_dir)) is None
+    run_json = rundir.read_json(run_dir / rundir.RUN_JSON)
+    for n_layers, consistent in ((1, True), (4, False)):
+        routing, stats = fixtures.routing_stats(n_layers, 8, 4, 4, 200, 2, rng)
+        del stats["activated_params_histogram"]
+        rundir.write_json_atomic(run_dir / rundir.METRICS_JSON, {**metrics, **stats})
+        rundir.write_json_atomic(run_dir / rundir.RUN_JSON, {**run_json, "routing": routing})
+        derived = experts.activated_hist(load_run(run_dir))
+        if not consistent:  # per (token, layer) histogram vs per-token min/max/mean
+            assert derived is None
+            continue
+        x, counts, how = derived
+        assert "derived" in how
+        assert np.sum(x * counts) / counts.sum() == pytest.approx(stats["activated_params_mean"], rel=1e-9)
+        assert x.min() == pytest.approx(stats["activated_params_min"])
+        assert x.max() == pytest.approx(stats["activated_params_max"])
 
 
 def test_train_figure_has_pid_curves(inputs):
@@ -225,3 +253,12 @@ def test_validation_points_and_errors(inputs):
     ov = next(t for t in fig.data if t.name == "overlap %")
     assert len(ov.x) == len(val["configs"])
     assert fig.layout.xaxis.range[1] >= max(measured.max(), predicted.max())
+
+
+def test_runs_of_different_models_get_separate_label_figures(inputs):
+    live, seq = load_run(inputs["live"]), load_run(inputs["seq"])
+    seq.run = {**seq.run, "preset": "longcat-flash"}
+    figs, notes = overlap.label_figures([live, seq])
+    assert len(figs) == 2 and not notes
+    assert "(tiny)" in figs[0].layout.title.text and "(longcat-flash)" in figs[1].layout.title.text
+    assert len(overlap.label_figures([live, load_run(inputs["seq"])])[0]) == 1
