@@ -33,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
             write_calibration(calibrate("gloo", 2, comm_reps=7, compute_reps=5), cal)
     result = validate(args.out, cal, quick=args.quick, steps=args.steps, warmup=args.warmup)
     print(f"median |step-time error| {result['median_abs_error_pct']:.1f}%   max {result['max_abs_error_pct']:.1f}%   "
-          f"({len(result['configs'])} configs)")
+          f"({len(result['configs'])} configs, two-point per-op scaling)")
+    if result.get("median_abs_error_pct_one_trace") is not None:
+        print(f"one trace + cost model: median |error| {result['median_abs_error_pct_one_trace']:.1f}%   "
+              f"max {result['max_abs_error_pct_one_trace']:.1f}%")
     if result["overlap_max_abs_diff_pts"] is not None:
         print(f"overlap |predicted - measured|: median {result['overlap_median_abs_diff_pts']:.1f} pts, "
               f"max {result['overlap_max_abs_diff_pts']:.1f} pts")

@@ -437,3 +437,66 @@ def set_world_size(g: StepGraph, world_size: int) -> StepGraph:
     )
     out.notes.setdefault("transforms", []).append({"set_world_size": world_size})
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# two-point per-op scaling (no shapes needed)
+
+
+@dataclass
+class OpScaling:
+    """Per op of a graph: duration as intercept + slope · x, where x = tokens per rank
+    (attention ops: tokens · sequence length, their causal FLOPs' driver); the host gap
+    before it and collective payload bytes likewise with x = tokens; fitted through two
+    reference runs of one structure."""
+
+    x_kind: np.ndarray  # (N,) bool: True where x = tokens · seq (attention)
+    dur_slope: np.ndarray  # µs per unit x
+    gap_slope: np.ndarray
+    bytes_slope: np.ndarray  # coll_bytes per unit x
+    tokens: float  # of the graph the slopes are applied to
+    seq: float
+
+
+def _x(scaling_x_attn: np.ndarray, tokens: float, seq: float) -> np.ndarray:
+    return np.where(scaling_x_attn, tokens * seq, tokens)
+
+
+def fit_two_point(a: StepGraph, tokens_a: float, seq_a: float, b: StepGraph, tokens_b: float, seq_b: float) -> OpScaling:
+    """Slopes per op from two graphs of the same op sequence at two sizes (a is the base).
+
+    Slopes are left unclamped (noise on ops whose cost does not grow is as often negative as
+    positive, so it cancels over a step); durations are clamped at 0 when applied. Ops whose
+    label is fixed (optimizer, gradient sync) get slope 0.
+    """
+    if a.n != b.n or a.name != b.name or a.lane != b.lane:
+        raise SimulationError("fit_two_point: the two reference runs executed different op sequences")
+    attn = np.array([classify(n) == "attention" for n in a.name])
+    xa, xb = _x(attn, tokens_a, seq_a), _x(attn, tokens_b, seq_b)
+    if np.any(xa == xb) or tokens_a == tokens_b:
+        raise SimulationError("fit_two_point: the two references need different token counts")
+    fixed = np.array([_fixed(lbl) for lbl in a.label])
+
+    def slope(va: np.ndarray, vb: np.ndarray) -> np.ndarray:
+        s = (vb - va) / (xb - xa)
+        return np.where(fixed, 0.0, s)
+
+    is_comm = np.asarray(a.kind) == "comm"
+    dur_slope = np.where(is_comm, 0.0, slope(a.dur_us, b.dur_us))
+    bytes_slope = np.where(is_comm & (a.coll_bytes >= METADATA_BYTES), slope(a.coll_bytes, b.coll_bytes), 0.0)
+    gap_slope = np.where(fixed, 0.0, (b.gap_us - a.gap_us) / (tokens_b - tokens_a))  # host time: x = tokens
+    return OpScaling(attn, dur_slope, gap_slope, bytes_slope, float(tokens_a), float(seq_a))
+
+
+def apply_two_point(g: StepGraph, scaling: OpScaling, tokens: float, seq: float) -> StepGraph:
+    """`g` (a graph of the base reference's structure, e.g. one of its steps) moved to
+    `tokens` per rank and sequence length `seq` along the fitted slopes."""
+    if g.n != len(scaling.dur_slope):
+        raise SimulationError("apply_two_point: graph and scaling have different op counts")
+    g = g.copy()
+    dx = _x(scaling.x_kind, tokens, seq) - _x(scaling.x_kind, scaling.tokens, scaling.seq)
+    g.dur_us = np.maximum(g.dur_us + scaling.dur_slope * dx, 0.0)
+    g.gap_us = np.maximum(g.gap_us + scaling.gap_slope * (tokens - scaling.tokens), 0.0)
+    g.coll_bytes = np.maximum(g.coll_bytes + scaling.bytes_slope * dx, 0.0)
+    g.notes.setdefault("transforms", []).append({"two_point": {"tokens": tokens, "seq": seq}})
+    return g

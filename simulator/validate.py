@@ -3,13 +3,17 @@ trace per (world size, mode), run them live, compare.
 
     validate(out_dir, calibration, quick=False) -> the validation.json object
 
-For every (world size, mode) of the matrix ONE reference run is captured at a batch /
-sequence size that is not in the matrix, with the sequential schedule. Each matrix config
-is then predicted without its own trace:
-    reference trace → step_graph (one graph per measured step, waiting removed) → scale_work (tokens,
-    attention) with a cost model fitted on the reference's own ops over the calibration's
-    → set_schedule → collectives timed by the calibrated comm model → simulator.engine on a
-    cpu-loopback cluster (processor sharing over this machine's cores)
+For every (world size, mode) of the matrix two reference runs are captured, sequential
+schedule, at sizes that are not in the matrix (REFERENCE_SIZE, SECOND_REFERENCE_SIZE).
+Each matrix config is then predicted without its own trace, two ways:
+    two-point (reported as predicted_step_us): base reference → step_graph (one graph per
+        measured step, waiting removed) → every op's duration, host gap and payload moved
+        along its own slope through the two references (x = tokens per rank; tokens · seq
+        for attention) → set_schedule
+    one-trace (predicted_step_us_one_trace): the base reference alone → scale_work (tokens,
+        attention) with a cost model fitted on its own ops over the calibration → set_schedule
+then collectives are timed by the calibrated comm model and simulator.engine replays the
+graphs on a cpu-loopback cluster (processor sharing over this machine's cores).
 and run live (traces.capture) for the measured step time (run.json step_time_us_median)
 and overlap. Overlap uses traces.overlap.compute_metrics on both sides, after marking the
 ops that only wait for or issue collectives (`_ExchangeWait`, c10d::*) as "sync": a rank
@@ -18,8 +22,9 @@ blocked in a wait is not computing, whichever way the trace classified it.
 validation.json (DESIGN.md keys + extras):
     configs → [{name, predicted_step_us, measured_step_us, error_pct, predicted_overlap_pct,
                 measured_overlap_pct, world_size, mode, schedule, batch, seq, reference,
-                measured_step_us_min, measured_step_us_max, load_1min}]
-    median_abs_error_pct, max_abs_error_pct, overlap_max_abs_diff_pts,
+                measured_step_us_min, measured_step_us_max, load_1min, method,
+                predicted_step_us_one_trace, error_pct_one_trace, predicted_overlap_pct_one_trace}]
+    median_abs_error_pct, max_abs_error_pct, (same)_one_trace, overlap_max_abs_diff_pts,
     speedups → [{name, predicted, measured, diff_pts}] (sequential / shortcut step time),
     references → [{name, run_dir, measured_step_us, replayed_step_us}], calibration, quick
 """
@@ -38,10 +43,11 @@ import pyarrow as pa
 from simulator.calibrate import attach_work, fit_from_ops, load_calibration
 from simulator.costmodel import CommModel, CostModel
 from simulator.errors import SimulationError
-from simulator.transforms import StepGraph, scale_work, set_schedule, step_graph
+from simulator.transforms import OpScaling, StepGraph, apply_two_point, fit_two_point, scale_work, set_schedule, step_graph
 
 PRESET = "small"
-REFERENCE_SIZE = (4, 64)  # (global batch, seq): captured, never predicted
+REFERENCE_SIZE = (4, 48)  # (global batch, seq): the base reference, captured, never predicted
+SECOND_REFERENCE_SIZE = (8, 96)  # the second point of the two-point per-op fits
 SIZES = ((4, 32), (4, 128), (8, 64))  # matrix sizes: other batch and sequence lengths
 QUICK_SIZES = ((4, 32), (8, 64))
 SYNC_NAME_PREFIXES = ("_ExchangeWait", "_ExchangeStart", "c10d::", "record_param_comms")
@@ -73,8 +79,8 @@ def matrix(quick: bool = False) -> list[LiveConfig]:
             for s in ("sequential", "shortcut")]
 
 
-def reference_of(cfg: LiveConfig) -> LiveConfig:
-    return LiveConfig(cfg.world_size, cfg.mode, "sequential", *REFERENCE_SIZE)
+def reference_of(cfg: LiveConfig, second: bool = False) -> LiveConfig:
+    return LiveConfig(cfg.world_size, cfg.mode, "sequential", *(SECOND_REFERENCE_SIZE if second else REFERENCE_SIZE))
 
 
 def load_1min() -> float:
@@ -127,27 +133,46 @@ def measured_overlap_pct(ops: pa.Table) -> float | None:
 
 @dataclass
 class Reference:
-    """What a prediction may use: the reference config's step graph and fitted cost model."""
+    """What a prediction may use: the base reference's per-step graphs, a cost model fitted
+    on its own ops, and (when captured) per-op slopes through a second reference size."""
 
     config: LiveConfig
-    graphs: list[StepGraph]  # one per measured step of the reference run
+    graphs: list[StepGraph]  # one per measured step of the base reference run
     model: CostModel
     measured_step_us: float
+    scaling: OpScaling | None = None
+    scaling_error: str = ""
 
 
-def build_reference(cfg: LiveConfig, run_dir: Path, base: CostModel, measured_step_us: float) -> Reference:
+def build_reference(cfg: LiveConfig, run_dir: Path, base: CostModel, measured_step_us: float,
+                    second: tuple[LiveConfig, Path] | None = None) -> Reference:
     ops = attach_work(live_ops(run_dir), run_dir)
-    return Reference(cfg, step_graph(ops, per_step=True), fit_from_ops(ops, base), measured_step_us)
+    ref = Reference(cfg, step_graph(ops, per_step=True), fit_from_ops(ops, base), measured_step_us)
+    if second is not None:
+        cfg_b, dir_b = second
+        try:
+            ref.scaling = fit_two_point(step_graph(ops), cfg.tokens_per_rank, cfg.seq,
+                                        step_graph(live_ops(dir_b)), cfg_b.tokens_per_rank, cfg_b.seq)
+        except SimulationError as err:
+            ref.scaling_error = str(err)
+    return ref
 
 
-def predict_graphs(ref: Reference, cfg: LiveConfig) -> list[StepGraph]:
-    """Each reference step transformed to `cfg` (same world size and mode)."""
+def predict_graphs(ref: Reference, cfg: LiveConfig, method: str = "two-point") -> list[StepGraph]:
+    """Each base-reference step moved to `cfg` (same world size and mode).
+
+    method "two-point": per-op slopes through the two references (falls back to
+    "one-trace" when they are missing); "one-trace": the cost model's work scaling from the
+    base reference alone (simulator.transforms.scale_work)."""
     if (cfg.world_size, cfg.mode) != (ref.config.world_size, ref.config.mode):
         raise SimulationError(f"{cfg.name}: reference {ref.config.name} has another world size or mode")
-    token_scale = cfg.tokens_per_rank / ref.config.tokens_per_rank
-    seq_scale = cfg.seq / ref.config.seq
-    return [set_schedule(scale_work(g, ref.model, token_scale, token_scale * seq_scale), cfg.schedule)
-            for g in ref.graphs]
+    if method == "two-point" and ref.scaling is not None:
+        moved = [apply_two_point(g, ref.scaling, cfg.tokens_per_rank, cfg.seq) for g in ref.graphs]
+    else:
+        token_scale = cfg.tokens_per_rank / ref.config.tokens_per_rank
+        seq_scale = cfg.seq / ref.config.seq
+        moved = [scale_work(g, ref.model, token_scale, token_scale * seq_scale) for g in ref.graphs]
+    return [set_schedule(g, cfg.schedule) for g in moved]
 
 
 def simulate_steps(graphs: list[StepGraph], comm: CommModel, cores: int, slow_under_comm: bool = False
@@ -219,18 +244,26 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
     ref_rows = []
     for key in sorted({(c.world_size, c.mode) for c in configs}):
         rcfg = reference_of(LiveConfig(key[0], key[1], "sequential", 0, 0))
+        rcfg_b = reference_of(rcfg, second=True)
         run = capture_live(rcfg, runs / f"ref-{rcfg.name}", steps, warmup)
-        ref = build_reference(rcfg, runs / f"ref-{rcfg.name}", compute_model, run["step_time_us_median"])
+        run_b = capture_live(rcfg_b, runs / f"ref-{rcfg_b.name}", steps, warmup)
+        ref = build_reference(rcfg, runs / f"ref-{rcfg.name}", compute_model, run["step_time_us_median"],
+                              (rcfg_b, runs / f"ref-{rcfg_b.name}"))
         replay_us, _ = simulate_steps(ref.graphs, comm_model, cores)
         refs[key] = ref
-        ref_rows.append({"name": rcfg.name, "run_dir": str(runs / f"ref-{rcfg.name}"),
-                         "measured_step_us": run["step_time_us_median"], "replayed_step_us": replay_us,
-                         "steps_used": len(ref.graphs), "load_1min": run["load_1min"]})
+        for c, r in ((rcfg, run), (rcfg_b, run_b)):
+            ref_rows.append({"name": c.name, "run_dir": str(runs / f"ref-{c.name}"),
+                             "measured_step_us": r["step_time_us_median"], "load_1min": r["load_1min"]})
+        ref_rows[-2].update({"replayed_step_us": replay_us, "steps_used": len(ref.graphs),
+                             "two_point": ref.scaling is not None, "two_point_error": ref.scaling_error})
         log(f"reference {rcfg.name}: measured {run['step_time_us_median'] / 1e3:.1f} ms, "
-            f"replayed {replay_us / 1e3:.1f} ms (load {run['load_1min']})")
+            f"replayed {replay_us / 1e3:.1f} ms (load {run['load_1min']}); second point {rcfg_b.name}: "
+            f"{run_b['step_time_us_median'] / 1e3:.1f} ms" + (f"; two-point fit failed: {ref.scaling_error}" if ref.scaling_error else ""))
     rows = []
     for cfg in configs:
-        pred_us, pred_ov = simulate_steps(predict_graphs(refs[(cfg.world_size, cfg.mode)], cfg), comm_model, cores)
+        ref = refs[(cfg.world_size, cfg.mode)]
+        pred_us, pred_ov = simulate_steps(predict_graphs(ref, cfg, "two-point"), comm_model, cores)
+        one_us, one_ov = simulate_steps(predict_graphs(ref, cfg, "one-trace"), comm_model, cores)
         run_dir = runs / cfg.name
         run = capture_live(cfg, run_dir, steps, warmup)
         meas_us = run["step_time_us_median"]
@@ -242,10 +275,14 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
             **asdict(cfg), "reference": reference_of(cfg).name,
             "measured_step_us_min": min(per_step), "measured_step_us_max": max(per_step),
             "load_1min": run["load_1min"],
+            "method": "two-point" if ref.scaling is not None else "one-trace",
+            "predicted_step_us_one_trace": one_us, "error_pct_one_trace": _err(one_us, meas_us),
+            "predicted_overlap_pct_one_trace": one_ov,
         }
         rows.append(row)
         log(f"{cfg.name:<34} predicted {pred_us / 1e3:8.1f} ms  measured {meas_us / 1e3:8.1f} ms  "
-            f"error {row['error_pct']:+6.1f}%  overlap {_fmt(pred_ov)} / {_fmt(meas_ov)}  (load {run['load_1min']})")
+            f"error {row['error_pct']:+6.1f}% (one trace {row['error_pct_one_trace']:+6.1f}%)  "
+            f"overlap {_fmt(pred_ov)} / {_fmt(meas_ov)}  (load {run['load_1min']})")
     result = summarise(rows)
     result.update({"references": ref_rows, "calibration": str(calibration), "quick": quick, "preset": PRESET,
                    "steps": steps, "warmup": warmup, "cores": cores, "wall_s": round(time.time() - t0, 1)})
@@ -272,8 +309,11 @@ def summarise(rows: list[dict]) -> dict:
             meas = other["measured_step_us"] / r["measured_step_us"]
             speedups.append({"name": f"w{w}-{m}-b{b}-t{t}", "predicted": pred, "measured": meas,
                              "diff_pts": 100 * (pred - meas)})
+    one = [abs(r["error_pct_one_trace"]) for r in rows if r.get("error_pct_one_trace") is not None]
     return {
         "configs": rows,
+        "median_abs_error_pct_one_trace": statistics.median(one) if one else None,
+        "max_abs_error_pct_one_trace": max(one) if one else None,
         "median_abs_error_pct": statistics.median(errs) if errs else None,
         "max_abs_error_pct": max(errs) if errs else None,
         "overlap_max_abs_diff_pts": max(ov) if ov else None,

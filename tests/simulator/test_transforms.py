@@ -5,7 +5,7 @@ import pytest
 
 from simulator.costmodel import CostModel, DeviceSpec, KindFit
 from simulator.errors import SimulationError
-from simulator.transforms import scale_experts, scale_work, set_schedule, set_world_size, step_graph
+from simulator.transforms import apply_two_point, fit_two_point, scale_experts, scale_work, set_schedule, set_world_size, step_graph
 from traces.schema import make_ops
 
 
@@ -166,3 +166,27 @@ def test_set_world_size_replicates_ranks_and_groups():
     assert {g.group[i] for i in comm} == {"0,1,2,3"} and len(comm) == 8
     for i in range(g.n):  # deps stay within the rank
         assert all(g.rank[d] == g.rank[i] for d in g.deps[i])
+
+
+def test_two_point_scaling_is_exact_for_linear_and_attention_ops():
+    """dur = 3 + 0.5·tokens for a linear op, 2 + 0.01·tokens·seq for attention, an optimizer
+    op fixed: two references pin the slopes, a third size is predicted exactly."""
+
+    def graph(tokens, seq):
+        rows = [dict(id=0, name="aten::linear", label="L0/mlp0", start_us=0, dur_us=3 + 0.5 * tokens, step=0),
+                dict(id=1, name="aten::scaled_dot_product_attention", label="L0/attn0", start_us=1000,
+                     dur_us=2 + 0.01 * tokens * seq, step=0),
+                dict(id=2, name="aten::add_", label="Optimizer.step#AdamW.step", start_us=5000, dur_us=7 + tokens % 3, step=0)]
+        return step_graph(_table(rows))
+
+    a, b = graph(64, 32), graph(256, 64)
+    s = fit_two_point(a, 64, 32, b, 256, 64)
+    out = apply_two_point(a, s, 512, 128)
+    want = {"aten::linear": 3 + 0.5 * 512, "aten::scaled_dot_product_attention": 2 + 0.01 * 512 * 128, "aten::add_": 8}
+    for i in range(out.n):
+        assert out.dur_us[i] == pytest.approx(want[out.name[i]])
+    # the gap before attention (1000 - 35 = 965 at 64 tokens, 1000 - 131 = 869 at 256) moves too
+    att = out.name.index("aten::scaled_dot_product_attention")
+    assert out.gap_us[att] == pytest.approx(max(965 + (869 - 965) / (256 - 64) * (512 - 64), 0.0))
+    with pytest.raises(SimulationError, match="different token counts"):
+        fit_two_point(a, 64, 32, a, 64, 32)

@@ -18,8 +18,9 @@ def test_matrix_covers_the_issue_and_never_contains_its_reference():
     quick = matrix(quick=True)
     assert len(quick) == 4 and set(quick) <= set(full)
     for c in full:
-        ref = reference_of(c)
+        ref, ref_b = reference_of(c), reference_of(c, second=True)
         assert (ref.batch, ref.seq) == REFERENCE_SIZE and ref not in full  # never its own trace
+        assert ref_b not in full and ref_b.tokens_per_rank != ref.tokens_per_rank
         assert c.batch % c.world_size == 0
 
 
