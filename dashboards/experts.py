@@ -175,17 +175,17 @@ def routing_figures(runs: list[Run]) -> tuple[list[go.Figure], list[str]]:
             zero_fig.add_trace(go.Bar(x=np.arange(zero.size), y=zero * 100, name=run.name))
     if hist_fig.data:
         hist_fig.update_layout(title="FFN experts per token", xaxis_title="FFN experts used by a token",
-                               yaxis_title="share of tokens", barmode="group", height=360)
+                               yaxis_title="share of tokens", barmode="group", height=360, showlegend=True)
         figs.append(hist_fig)
     if act_fig.data:
         act_fig.update_layout(title=f"Activated parameters per token ({'; '.join(sorted(act_how))})",
                               xaxis_title="activated parameters (billions)", yaxis_title="share of tokens",
-                              barmode="group", height=360)
+                              barmode="group", height=360, showlegend=True)
         figs.append(act_fig)
     if zero_fig.data:
         zero_fig.update_layout(title="Zero-expert share per layer (slots routed to identity experts)",
                                xaxis_title="layer", yaxis=dict(title="% of routing slots", rangemode="tozero"),
-                               barmode="group", height=360)
+                               barmode="group", height=360, showlegend=True)
         figs.append(zero_fig)
 
     for run in runs:

@@ -129,7 +129,8 @@ def rank_overlap_figure(runs: list[Run]) -> tuple[go.Figure | None, list[str]]:
         fig.add_trace(go.Bar(x=[int(k) for k in keys], y=pct, name=f"{run.name}: mean {mean:.1f}%"))
     if not fig.data:
         return None, notes
-    n_ranks = max(len(t.x) for t in fig.data)
+    contiguous = all(list(t.x) == list(range(len(t.x))) for t in fig.data)
+    n_ranks = max(len(t.x) for t in fig.data) if contiguous else 10**9
     fig.update_layout(barmode="group", title="Overlap % per rank (hidden comm / comm)",
                       xaxis=dict(title="rank", type="category" if n_ranks <= 32 else "linear"),
                       yaxis=dict(title="overlap %", range=[0, 105]), height=380,
