@@ -3,7 +3,7 @@
 Entry points (imported lazily, so `import dashboards.errors` stays cheap):
     build(run_dirs, out_path, *, train_log=None, validation=None, sweep=None, title=...) -> Built
         every view that applies, written atomically to one HTML file (dashboards/assemble.py)
-    sweep_figures(table) -> list[plotly Figure]
+    sweep_view(table) -> (list[plotly Figure], notes); sweep_figures(table) -> figures
         the sweep view for a results table (pyarrow Table, dict of columns, .parquet/.csv)
     pareto_mask(x, y) -> bool array   points on the (max x, max y) frontier
 """
@@ -14,6 +14,7 @@ _EXPORTS = {
     "build": "dashboards.assemble",
     "Built": "dashboards.assemble",
     "sweep_figures": "dashboards.sweep",
+    "sweep_view": "dashboards.sweep",
     "pareto_mask": "dashboards.sweep",
 }
 

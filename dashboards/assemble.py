@@ -98,9 +98,9 @@ def sections_for(
         sections.append(ze)
 
     if sweep_table is not None:
+        figs, notes = sweep.sweep_view(sweep_table)
         sections.append(Section("Sweep", "Every grid point of a `moesim sweep`: the TPS/user vs TGS frontier, "
-                                "cost per million tokens, and step time across the grid.",
-                                figures=sweep.sweep_figures(sweep_table)))
+                                "cost per million tokens, and step time across the grid.", figures=figs, notes=notes))
     if validation_obj is not None:
         sections.append(Section("Validation", "Simulated vs measured step time per configuration; points on "
                                 "the dashed line are exact, shaded bands are ±10% and ±25%.",

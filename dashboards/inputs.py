@@ -180,7 +180,9 @@ def sweep_columns(table: pa.Table | dict | str | os.PathLike, source: str = "swe
     out: dict[str, np.ndarray] = {}
     for name in table.column_names:
         col = table.column(name)
-        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        if pa.types.is_null(col.type):  # a column with no values at all (e.g. TPS/user in prefill)
+            out[name] = np.full(table.num_rows, np.nan)
+        elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
             out[name] = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
         else:
             out[name] = np.array([str(v) if v is not None else "" for v in col.to_pylist()], dtype=object)

@@ -1,6 +1,7 @@
 """View 4, Sweep: the throughput frontier and cost of a `moesim sweep` results table.
 
-`sweep_figures(table)` takes the results table itself (pyarrow Table, dict of columns, or a
+`sweep_view(table)` -> (figures, notes) and `sweep_figures(table)` -> figures take the
+results table itself (pyarrow Table, dict of columns, or a
 .parquet/.csv path) with at least the columns of inputs.SWEEP_COLUMNS, one row per grid
 point; `ep_size` is used when present. Figures:
   * TPS per user (x) vs tokens/s per GPU (y), one colour per cluster and one marker per
@@ -70,7 +71,14 @@ def _fmt(value: object) -> str:
 
 def sweep_figures(table: pa.Table | dict | str | os.PathLike) -> list[go.Figure]:
     """The sweep view's figures for a results table (see module docstring)."""
+    return sweep_view(table)[0]
+
+
+def sweep_view(table: pa.Table | dict | str | os.PathLike) -> tuple[list[go.Figure], list[str]]:
+    """(figures, notes): figures whose columns hold no numbers are left out with a note."""
     cols = sweep_columns(table)
+    notes: list[str] = []
+    figs: list[go.Figure] = []
     hover = np.array(_hover(cols), dtype=object)
     clusters = sorted(set(cols["cluster"]))
     schedules = sorted(set(cols["schedule"]))
@@ -98,6 +106,10 @@ def sweep_figures(table: pa.Table | dict | str | os.PathLike) -> list[go.Figure]
     ))
     frontier.update_layout(title=f"Throughput frontier: {x.size} configurations, {on.sum()} on the frontier",
                            xaxis_title="tokens/s per user (TPS/u)", yaxis_title="tokens/s per GPU (TGS)", height=520)
+    if (np.isfinite(x) & np.isfinite(y)).any():
+        figs.append(frontier)
+    else:
+        notes.append("Sweep: no row has both tps_per_user and tgs (no frontier to draw)")
 
     cost = go.Figure()
     for c in clusters:
@@ -108,6 +120,10 @@ def sweep_figures(table: pa.Table | dict | str | os.PathLike) -> list[go.Figure]
                                   hovertemplate="%{text}<extra></extra>"))
     cost.update_layout(title="Cost per million output tokens", xaxis_title="tokens/s per user (TPS/u)",
                        yaxis=dict(title="$ / M output tokens", type="log"), height=460)
+    if (np.isfinite(x) & np.isfinite(cols["cost_usd_per_m_tokens"])).any():
+        figs.append(cost)
+    else:
+        notes.append("Sweep: no row has both tps_per_user and cost_usd_per_m_tokens (no cost figure)")
 
     axes = [("gpus", "GPUs"), ("batch_per_gpu", "batch per GPU")]
     if "ep_size" in cols and cols["ep_size"].dtype == np.float64:
@@ -130,4 +146,8 @@ def sweep_figures(table: pa.Table | dict | str | os.PathLike) -> list[go.Figure]
                           row=r, col=c_)
         step.update_yaxes(title_text="step time (ms)", type="log", row=r, col=c_)
     step.update_layout(title="Step time across the grid", height=340 * n_rows)
-    return [frontier, cost, step]
+    if np.isfinite(step_ms).any():
+        figs.append(step)
+    else:
+        notes.append("Sweep: no row has a step time")
+    return figs, notes

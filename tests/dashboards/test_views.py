@@ -262,3 +262,15 @@ def test_runs_of_different_models_get_separate_label_figures(inputs):
     assert len(figs) == 2 and not notes
     assert "(tiny)" in figs[0].layout.title.text and "(longcat-flash)" in figs[1].layout.title.text
     assert len(overlap.label_figures([live, load_run(inputs["seq"])])[0]) == 1
+
+
+def test_sweep_without_throughput_columns_keeps_step_time(tmp_path):
+    """Prefill sweeps have no TPS/user: the frontier and cost figures become notes."""
+    import pyarrow as pa
+
+    cols = fixtures.sweep_table()
+    table = pa.table({**{k: v for k, v in cols.items() if k not in ("tps_per_user", "tpot_ms")},
+                      "tps_per_user": pa.nulls(len(cols["gpus"])), "tpot_ms": pa.nulls(len(cols["gpus"]))})
+    figs, notes = sweep.sweep_view(table)
+    assert [f.layout.title.text for f in figs] == ["Step time across the grid"]
+    assert len(notes) == 2 and all("tps_per_user" in n for n in notes)
