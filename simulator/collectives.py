@@ -29,6 +29,20 @@ import numpy as np
 from simulator.errors import SimulationError
 
 
+def parse_group(text: str) -> tuple[int, ...]:
+    """Group column → sorted ranks. "0,1,2,3" (the schema's form); "0-1023" and "0-3,8-11"
+    ranges are accepted too, so thousand-rank groups need not be spelled out on every op."""
+    ranks: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part[1:]:
+            lo, hi = part.split("-", 1)
+            ranks.extend(range(int(lo), int(hi) + 1))
+        else:
+            ranks.append(int(part))
+    return tuple(sorted(ranks))
+
+
 @dataclass(frozen=True)
 class Phase:
     src: np.ndarray  # int64 [p] global ranks

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import simpy
 
 from simulator.cluster import Cluster
-from simulator.collectives import Phase, plan_collective
+from simulator.collectives import Phase, parse_group, plan_collective
 from simulator.errors import SimulationError
 from simulator.network import FluidNetwork
 from simulator.routing import Router
@@ -108,6 +108,7 @@ class Simulation:
         flow_model: FlowModel = "auto",
         gap_us: np.ndarray | None = None,
         interference: bool = True,
+        fuse: bool = True,
     ):
         self.ops = ops
         self.cluster = cluster
@@ -129,7 +130,9 @@ class Simulation:
         self.order = order
         self.ids = ids[order].tolist()
         self.rank = rank[order]
-        kind = np.asarray(ops.column("kind").to_numpy(zero_copy_only=False))[order]
+        kind_col = ops.column("kind")
+        is_comm = pc.equal(kind_col, "comm").to_numpy(zero_copy_only=False)[order]
+        is_work = pc.is_in(kind_col, value_set=pa.array(["compute", "memory"])).to_numpy(zero_copy_only=False)[order]
         self.names = ops.column("name")
         # lanes = runs of equal (rank, lane)
         lane_key = rank[order] * (int(lane_codes.max()) + 1 if n else 1) + lane_codes[order]
@@ -147,10 +150,10 @@ class Simulation:
             g = np.asarray(gap_us, dtype=np.float64)[order]
             self.gap = g.tolist() if (g > 0).any() else None
         # interference
-        is_comm = kind == "comm"
         self.share = cluster.comm_compute_share if interference else 0.0
         self.cpu = _CpuPool(cluster.cores) if (interference and cluster.kind == "cpu" and cluster.cores > 0) else None
-        slowable = (~measured) & np.isin(kind, ["compute", "memory"])
+        slowable = (~measured) & is_work
+        self._slowable_np = slowable
         self.slowable = slowable.tolist()
         self.uses_core = ((~is_comm) & (dur_all[order] > 0)).tolist()
         self.sharing = self.share > 0 or self.cpu is not None
@@ -159,7 +162,8 @@ class Simulation:
         # collectives
         self.router = Router(cluster)
         self._host_of = self._hosts()
-        self.ckey, self.rdv = self._collectives(ops, order, kind)
+        self.ckey, self.rdv = self._collectives(ops, order, is_comm)
+        self.run_end = self._runs(fuse)
         self.coll_bytes = ops.column("coll_bytes").to_numpy()[order]
         self.has_splits = pc.list_value_length(ops.column("splits")).to_numpy(zero_copy_only=False)[order] > 0
         self._agg_cache: dict[tuple, list[tuple[list, float]]] = {}
@@ -185,11 +189,11 @@ class Simulation:
             raise SimulationError(f"op id {int(ids[owner])} depends on unknown op id {int(flat[k])}")
         inv = np.empty(n, dtype=np.int64)
         inv[order] = np.arange(n)
-        dep_pos = inv[sorted_ids[where]]
-        has = np.flatnonzero(counts)
-        split = np.split(dep_pos, offsets[1:-1])
-        for i in has.tolist():
-            out[int(inv[i])] = split[i].tolist()
+        dep_pos = inv[sorted_ids[where]].tolist()
+        off = offsets.tolist()
+        inv_list = inv.tolist()
+        for i in np.flatnonzero(counts).tolist():
+            out[inv_list[i]] = dep_pos[off[i] : off[i + 1]]
         return out
 
     def _hosts(self) -> np.ndarray | None:
@@ -197,51 +201,72 @@ class Simulation:
         hosts = [g.nodes[f"gpu{r}"].get("host") for r in range(self.cluster.num_gpus)]
         return None if any(h is None for h in hosts) else np.array(hosts, dtype=np.int64)
 
-    def _collectives(self, ops: pa.Table, order: np.ndarray, kind: np.ndarray):
+    def _collectives(self, ops: pa.Table, order: np.ndarray, is_comm: np.ndarray):
+        """ckey[pos] = (group id, seq, collective) for collective ops (None otherwise), and the
+        rendezvous table; checks every rank of a group reaches each collective exactly once."""
         n = self.n
-        coll = np.asarray(ops.column("coll").to_numpy(zero_copy_only=False))[order]
-        group = np.asarray(ops.column("group").to_numpy(zero_copy_only=False))[order]
-        seq = ops.column("seq").to_numpy()[order].copy()
         ckey: list = [None] * n
         rdv: dict[tuple, _Rdv] = {}
-        comm_pos = np.flatnonzero((kind == "comm") & (coll != ""))
-        self._coll = coll
-        self._groups: dict[str, tuple[int, ...]] = {}
+        coll_col = ops.column("coll")
+        has_coll = pc.not_equal(coll_col, "").to_numpy(zero_copy_only=False)
+        inv = np.empty(n, dtype=np.int64)
+        inv[order] = np.arange(n)
+        orig = np.flatnonzero(is_comm[inv] & has_coll)  # original rows, then in lane order
+        pos = inv[orig]
+        by_pos = np.argsort(pos, kind="stable")
+        orig, pos = orig[by_pos], pos[by_pos]
+        idx = pa.array(orig)
+        colls = coll_col.take(idx).to_pylist()
+        groups = ops.column("group").take(idx).to_pylist()
+        seqs = ops.column("seq").take(idx).to_numpy().tolist()
+        self._coll: dict[int, str] = {}
+        self._group_ranks: list[tuple[int, ...]] = []
+        gid_of: dict[str, int] = {}
+        member_sets: list[frozenset] = []
         counters: dict[tuple, int] = {}
         reached: dict[tuple, list[int]] = {}
-        for i in comm_pos.tolist():
-            gs = group[i]
-            ranks = self._groups.get(gs)
-            if ranks is None:
+        rank_list = self.rank.tolist()
+        num_gpus = self.cluster.num_gpus
+        for i, c, gs, sq in zip(pos.tolist(), colls, groups, seqs):
+            gid = gid_of.get(gs)
+            if gid is None:
                 try:
-                    ranks = tuple(sorted(int(x) for x in gs.split(",")))
+                    ranks = parse_group(gs)
                 except ValueError:
                     raise SimulationError(f"op id {self.ids[i]}: group {gs!r} is not a comma-separated rank list") from None
-                if len(set(ranks)) != len(ranks) or (ranks and ranks[-1] >= self.cluster.num_gpus):
-                    raise SimulationError(f"op id {self.ids[i]}: group {gs!r} repeats a rank or exceeds the cluster")
-                self._groups[gs] = ranks
-            r = int(self.rank[i])
-            if r not in ranks:
-                raise SimulationError(f"op id {self.ids[i]}: rank {r} runs a {coll[i]} on group {gs} it is not in")
-            c = coll[i]
-            s = int(seq[i])
-            if s < 0:  # no sequence number: match by order per (rank, group, collective)
-                ck = (r, ranks, c)
-                s = counters.get(ck, 0)
-                counters[ck] = s + 1
-            key = (ranks, s, "p2p" if c in ("send", "recv") else c)
+                if len(set(ranks)) != len(ranks) or not ranks or ranks[-1] >= num_gpus:
+                    raise SimulationError(
+                        f"op id {self.ids[i]}: group {gs!r} is empty, repeats a rank or names a rank beyond the "
+                        f"{num_gpus} GPUs of cluster {self.cluster.name}"
+                    )
+                gid = gid_of[gs] = len(self._group_ranks)
+                self._group_ranks.append(ranks)
+                member_sets.append(frozenset(ranks))
+            r = rank_list[i]
+            if r not in member_sets[gid]:
+                raise SimulationError(f"op id {self.ids[i]}: rank {r} runs a {c} on group {gs} it is not in")
+            if sq < 0:  # no sequence number: match by order per (rank, group, collective)
+                ck = (r, gid, c)
+                sq = counters.get(ck, 0)
+                counters[ck] = sq + 1
+            key = (gid, sq, "p2p" if c in ("send", "recv") else c)
             ckey[i] = key
-            reached.setdefault(key, []).append(r)
+            self._coll[i] = c
+            got = reached.get(key)
+            if got is None:
+                reached[key] = [r]
+            else:
+                got.append(r)
         for key, got in reached.items():
-            ranks = key[0]
+            ranks = self._group_ranks[key[0]]
+            if len(got) == len(ranks) and len(set(got)) == len(got):
+                rdv[key] = None  # type: ignore[assignment]
+                continue
             missing = sorted(set(ranks) - set(got))
-            dup = len(got) != len(set(got))
-            if missing or dup:
-                what = f"never reached by rank(s) {','.join(map(str, missing))}" if missing else "reached twice by one rank"
-                raise SimulationError(
-                    f"deadlock: collective {key[2]} on group {','.join(map(str, ranks))} seq {key[1]} is {what}"
-                )
-            rdv[key] = None  # type: ignore[assignment]
+            what = f"never reached by rank(s) {','.join(map(str, missing))}" if missing else "reached twice by one rank"
+            raise SimulationError(
+                f"deadlock: collective {key[2]} on group {','.join(map(str, ranks))} seq {key[1]} is {what}"
+            )
         return ckey, rdv
 
     # --- run -----------------------------------------------------------------------------------
@@ -253,12 +278,16 @@ class Simulation:
         self.env = env
         self.net = FluidNetwork(env, self.router.cap_bytes_per_us)
         for key in self.rdv:
-            self.rdv[key] = _Rdv(key, len(key[0]), env.event())
+            self.rdv[key] = _Rdv(key, len(self._group_ranks[key[0]]), env.event())
         n = self.n
         self.start = [-1.0] * n
         self.end = [-1.0] * n
         self.done_ev: list = [None] * n
-        self.comm_active: dict[int, int] = {}
+        g = self.cluster.num_gpus
+        self.comm_active = [0] * g  # comm ops in flight per rank
+        self.busy_total = [0.0] * g  # µs with ≥ 1 comm op in flight, up to busy_since
+        self.busy_since = [0.0] * g  # when the current busy stretch began
+        self.toggles: list[list[float]] = [[] for _ in range(g)]  # times comm went on, off, on...
         self.running: dict[int, dict] = {}  # rank (GPU) or -1 (CPU pool) → {process: None}
         for lo, hi in self.lane_bounds:
             env.process(self._lane(lo, hi, int(self.rank[lo])))
@@ -278,13 +307,53 @@ class Simulation:
         table = self.ops.set_column(self.ops.schema.get_field_index("start_us"), "start_us", pa.array(start))
         return table.set_column(table.schema.get_field_index("dur_us"), "dur_us", pa.array(end - start))
 
+    def _runs(self, fuse: bool) -> list[int]:
+        """run_end[i]: last op of the run that op i heads. A run is a stretch of one lane whose
+        ops after the first have no deps, no host gap, no collective, and whose ops before the
+        last are nobody's dependency: its timeline follows from the durations alone, so it is
+        simulated as one timeout (exactly; `fuse=False` gives one timeout per op)."""
+        n = self.n
+        if not fuse or self.cpu is not None or n < 2:
+            return list(range(n))
+        depended = np.zeros(n, dtype=bool)
+        flat = [j for dl in self.deps if dl is not None for j in dl]
+        depended[np.array(flat, dtype=np.int64)] = True
+        no_deps = np.array([dl is None for dl in self.deps])
+        no_coll = np.array([k is None for k in self.ckey])
+        no_gap = np.ones(n, dtype=bool) if self.gap is None else np.array(self.gap) <= 0
+        slow = self._slowable_np
+        lane_start = np.zeros(n, dtype=bool)
+        lane_start[[lo for lo, _ in self.lane_bounds]] = True
+        joins = np.zeros(n, dtype=bool)
+        joins[1:] = (
+            no_deps[1:] & no_coll[1:] & no_coll[:-1] & ~depended[:-1] & no_gap[1:] & (slow[1:] == slow[:-1])
+        )
+        joins &= ~lane_start
+        heads = np.flatnonzero(~joins)
+        run_end = np.arange(n)
+        run_end[heads] = np.concatenate([heads[1:], [n]]) - 1
+        return run_end.tolist()
+
     def _lane(self, lo: int, hi: int, rank: int):
         env = self.env
         timeout = env.timeout
         deps, dur, gap, ckey = self.deps, self.dur, self.gap, self.ckey
         start, end, done_ev = self.start, self.end, self.done_ev
-        sharing = self.sharing
-        for i in range(lo, hi):
+        run_end = self.run_end
+        cpu_sharing = self.cpu is not None
+        # GPU interference, inlined below (the hot path): slowable compute registers itself
+        # so a comm op starting or ending on this rank can interrupt it and change its speed
+        gpu_sharing = self.share > 0 and not cpu_sharing
+        slowable = self.slowable
+        slow_speed = 1.0 - self.share
+        comm_active = self.comm_active
+        busy_total, busy_since, toggles = self.busy_total, self.busy_since, self.toggles
+        share = self.share
+        running = self.running.setdefault(rank, {})
+        proc = env.active_process
+        Interrupt = simpy.Interrupt
+        i = lo
+        while i < hi:
             dl = deps[i]
             if dl is not None:
                 for j in dl:
@@ -295,27 +364,106 @@ class Simulation:
                         yield ev
             if gap is not None and gap[i] > 0:
                 yield timeout(gap[i])
-            start[i] = env.now
+            last = run_end[i]
             key = ckey[i]
-            if key is None:
-                t = dur[i]
-                if sharing and t > 0:
-                    yield from self._compute(i, t, rank)
-                elif t > 0:
-                    yield timeout(t)
-            else:
+            t_begin = env.now
+            if key is not None:
+                start[i] = t_begin
                 yield from self._comm(i, key, rank)
-            end[i] = env.now
-            ev = done_ev[i]
+                end[i] = env.now
+            elif cpu_sharing:
+                start[i] = t_begin
+                if dur[i] > 0:
+                    yield from self._compute(i, dur[i], rank)
+                end[i] = env.now
+            else:
+                work = dur[i] if last == i else sum(dur[i : last + 1])
+                if work > 0 and gpu_sharing and slowable[i]:
+                    # Progress = elapsed − share · (time a comm op was active on this rank),
+                    # from the rank's comm-busy integral. A comm op starting makes this op's
+                    # timer fire early (then it re-arms for the rest: no interrupt); a comm op
+                    # ending interrupts only ops armed at the slow speed.
+                    log = toggles[rank]
+                    log_at_start = len(log)
+                    left = work
+                    while True:
+                        slow = comm_active[rank] > 0
+                        speed = slow_speed if slow else 1.0
+                        t0 = env.now
+                        b0 = busy_total[rank] + (t0 - busy_since[rank] if slow else 0.0)
+                        if slow:
+                            running[proc] = None
+                            try:
+                                yield timeout(left / speed)
+                            except Interrupt:
+                                pass
+                            running.pop(proc, None)
+                        else:
+                            yield timeout(left)
+                        now = env.now
+                        b1 = busy_total[rank] + (now - busy_since[rank] if comm_active[rank] > 0 else 0.0)
+                        left -= (now - t0) - share * (b1 - b0)
+                        if left <= 1e-9 * (1.0 + work):
+                            break
+                    if last == i:
+                        start[i] = t_begin
+                        end[i] = env.now
+                    elif len(log) == log_at_start and log_at_start % 2 == 0:
+                        self._fill_run(i, last, t_begin, 1.0)
+                    else:
+                        # speed segments from the toggle log: entry k switches comm on if k is even
+                        segments = [(t_begin, slow_speed if log_at_start % 2 else 1.0)]
+                        for k in range(log_at_start, len(log)):
+                            segments.append((log[k], 1.0 if k % 2 else slow_speed))
+                        self._fill_segments(i, last, segments, env.now)
+                else:
+                    if work > 0:
+                        yield timeout(work)
+                    if last == i:
+                        start[i] = t_begin
+                        end[i] = env.now
+                    else:
+                        self._fill_run(i, last, t_begin, 1.0)
+            ev = done_ev[last]
             if ev is not None:
                 ev.succeed()
+            i = last + 1
+
+    def _fill_run(self, i: int, last: int, t: float, speed: float) -> None:
+        """Start/end of the ops of a run at constant speed from time t."""
+        dur, start, end = self.dur, self.start, self.end
+        for k in range(i, last + 1):
+            start[k] = t
+            t += dur[k] / speed
+            end[k] = t
+        end[last] = self.env.now  # exact, whatever the rounding of the sum
+
+    def _fill_segments(self, i: int, last: int, segments: list[tuple[float, float]], t_end: float) -> None:
+        """Start/end of the ops of a run whose speed changed at the segment boundaries."""
+        dur, start, end = self.dur, self.start, self.end
+        seg = 0
+        t, speed = segments[0]
+        for k in range(i, last + 1):
+            start[k] = t
+            need = dur[k]
+            while True:
+                seg_end = segments[seg + 1][0] if seg + 1 < len(segments) else float("inf")
+                can = (seg_end - t) * speed
+                if need <= can or seg + 1 >= len(segments):
+                    t += need / speed
+                    break
+                need -= can
+                seg += 1
+                t, speed = segments[seg]
+            end[k] = min(t, t_end)
+        end[last] = t_end
 
     # --- interference ------------------------------------------------------------------------
 
     def _speed(self, rank: int) -> float:
         if self.cpu is not None:
             return self.cpu.factor
-        return 1.0 - self.share if self.comm_active.get(rank, 0) else 1.0
+        return 1.0 - self.share if self.comm_active[rank] else 1.0
 
     def _interrupt(self, pool: int) -> None:
         for proc in list(self.running.get(pool, ())):
@@ -356,10 +504,17 @@ class Simulation:
 
     def _comm_enter(self, rank: int, delta: int) -> None:
         if self.share > 0:
-            before = self.comm_active.get(rank, 0)
-            self.comm_active[rank] = before + delta
-            if (before == 0) != (before + delta == 0):
-                self._interrupt(rank)
+            before = self.comm_active[rank]
+            after = before + delta
+            self.comm_active[rank] = after
+            now = self.env.now
+            if before == 0 and after > 0:
+                self.busy_since[rank] = now
+                self.toggles[rank].append(now)
+            elif after == 0:
+                self.busy_total[rank] += now - self.busy_since[rank]
+                self.toggles[rank].append(now)
+                self._interrupt(rank)  # ops armed at the slow speed speed up
 
     def _comm(self, i: int, key: tuple, rank: int):
         self._comm_enter(rank, +1)
@@ -397,7 +552,8 @@ class Simulation:
 
     def _plan(self, key: tuple, members: list[int]) -> list[tuple[float, list]]:
         """(latency, flows) rounds of a collective, flows as (link ids, bytes per link)."""
-        ranks, _seq, coll = key
+        gid, _seq, coll = key
+        ranks = self._group_ranks[gid]
         table = self.ops
         orig = self.order[members]
         coll_bytes = self.coll_bytes[members]
@@ -501,7 +657,8 @@ class Simulation:
                         f"dependency cycle through op id {self.ids[p]} ({self._name(p)}, rank {int(self.rank[p])})"
                     )
                 p = colls[0]
-                ranks, seq, coll = self.ckey[p]
+                gid, seq, coll = self.ckey[p]
+                ranks = self._group_ranks[gid]
                 rdv = self.rdv[self.ckey[p]]
                 arrived = {int(self.rank[q]) for q in rdv.members}
                 missing = [r for r in ranks if r not in arrived]
@@ -526,6 +683,7 @@ def simulate(
     flow_model: FlowModel = "auto",
     gap_us: np.ndarray | None = None,
     interference: bool = True,
+    fuse: bool = True,
 ) -> pa.Table:
     """Simulate `ops` (a normalized trace table) on `cluster`; return it with simulated
     start_us / dur_us (same rows, same order). See the module docstring for the model.
@@ -542,4 +700,5 @@ def simulate(
         flow_model=flow_model,
         gap_us=gap_us,
         interference=interference,
+        fuse=fuse,
     ).run()

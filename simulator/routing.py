@@ -76,6 +76,7 @@ class Router:
         self.link_ends = [(self.node_index[u], self.node_index[v]) for u, v, _ in edges]
         self.cap_bytes_per_us = np.array([d["bandwidth_gbps"] * 1e3 for _, _, d in edges], dtype=np.float64)
         self.lat_us = np.array([d["latency_us"] for _, _, d in edges], dtype=np.float64)
+        self._lat_list = self.lat_us.tolist()  # Python floats for the BFS (numpy scalars are slow)
         self.succ: list[list[tuple[int, int]]] = [[] for _ in self.nodes]  # node → [(next node, link)]
         for li, (u, v) in enumerate(self.link_ends):
             self.succ[u].append((v, li))
@@ -88,33 +89,51 @@ class Router:
 
     # --- exact routes --------------------------------------------------------------------------
 
-    def _route(self, src: int, dst: int, expandable) -> Route | None:
-        """All shortest src→dst paths (BFS by hops) through nodes `expandable(v)` allows."""
+    def _bfs(self, src: int, expandable, targets: set[int] | None = None):
+        """BFS by hops from src through nodes `expandable(v)` allows, counting shortest paths;
+        stops after the level where every node of `targets` has been reached."""
         dist = {src: 0}
         sigma = {src: 1}
         lat = {src: 0.0}
+        link_lat = self._lat_list
+        succ = self.succ
         preds: dict[int, list[tuple[int, int]]] = {}
         frontier = [src]
         level = 0
-        while frontier and dst not in dist:
+        left = set(targets) if targets is not None else None
+        while frontier and (left is None or left):
             level += 1
             nxt: list[int] = []
             for u in frontier:
                 if u != src and not expandable(u):
                     continue
-                for v, li in self.succ[u]:
+                lu, su = lat[u], sigma[u]
+                for v, li in succ[u]:
                     dv = dist.get(v)
                     if dv is None:
                         dist[v] = level
-                        sigma[v] = sigma[u]
-                        lat[v] = lat[u] + self.lat_us[li]
+                        sigma[v] = su
+                        lat[v] = lu + link_lat[li]
                         preds[v] = [(u, li)]
                         nxt.append(v)
+                        if left is not None:
+                            left.discard(v)
                     elif dv == level:
-                        sigma[v] += sigma[u]
-                        lat[v] = max(lat[v], lat[u] + self.lat_us[li])
+                        sigma[v] += su
+                        cand = lu + link_lat[li]
+                        if cand > lat[v]:
+                            lat[v] = cand
                         preds[v].append((u, li))
             frontier = nxt
+        return dist, sigma, lat, preds
+
+    def _route(self, src: int, dst: int, expandable) -> Route | None:
+        """All shortest src→dst paths through nodes `expandable(v)` allows."""
+        return self._backtrack(self._bfs(src, expandable, {dst}), dst)
+
+    def _backtrack(self, bfs, dst: int) -> Route | None:
+        """The Route to dst from a `_bfs` result (ECMP fractions over all shortest paths)."""
+        dist, sigma, lat, preds = bfs
         if dst not in dist:
             return None
         # nodes on some shortest path, collected backwards from dst
@@ -140,8 +159,9 @@ class Router:
                     link_w[li] = link_w.get(li, 0.0) + sigma[u] * tau[v]
                     tau[u] = tau.get(u, 0) + tau[v]
         total = sigma[dst]
-        links = np.array(sorted(link_w), dtype=np.int64)
-        frac = np.array([link_w[li] / total for li in links], dtype=np.float64)
+        ordered = sorted(link_w)
+        links = np.array(ordered, dtype=np.int64)
+        frac = np.array([link_w[li] / total for li in ordered], dtype=np.float64)
         return Route(links, frac, float(lat[dst]))
 
     def pair_route(self, src_rank: int, dst_rank: int) -> Route:
@@ -218,39 +238,65 @@ class _Aggregated:
             members.setdefault(hosts[r], []).append(r)
         cols: list[Route] = []
         empty = Route(np.zeros(0, np.int64), np.zeros(0), 0.0)
+        not_gpu = lambda v: kind[v] != "gpu"  # noqa: E731
+        gpu_nodes = router.gpu_nodes.tolist()
         for h in uniq.tolist():
             for s in members[h]:
+                # one BFS per source reaches every GPU of its host
+                bfs = router._bfs(gpu_nodes[s], not_gpu, {gpu_nodes[d] for d in members[h] if d != s})
                 for d in members[h]:
-                    cols.append(empty if s == d else router.pair_route(s, d))
+                    if s == d:
+                        cols.append(empty)
+                        continue
+                    route = router._pair_cache.get((s, d)) or router._backtrack(bfs, gpu_nodes[d])
+                    if route is None:
+                        raise SimulationError(
+                            f"cluster {router.cluster.name}: gpu{s} cannot reach gpu{d} (no path in the topology)"
+                        )
+                    router._pair_cache[(s, d)] = route
+                    cols.append(route)
         self.intra = _Csr(cols, router.num_links)
-        # up/down chains to the unique nearest leaf
-        leaves = [i for i, f in enumerate(fabric) if f]
+        # up/down chains to the unique nearest fabric node (the GPU's leaf)
+        attach = {}
+        if any(fabric) and len(uniq) > 1:
+            for r in range(n_gpu):
+                leaf = self._nearest_fabric(gpu_nodes[r])
+                if leaf is None:
+                    return None
+                attach[r] = leaf
+        leaves = sorted(set(attach.values()))
         self.leaf_ids = {v: i for i, v in enumerate(leaves)}
         self.num_leaves = len(leaves)
         ups: list[Route] = []
         downs: list[Route] = []
         leaf_of = np.full(n_gpu, -1, dtype=np.int64)
         if leaves and len(uniq) > 1:
+            local_only = lambda v: kind[v] != "gpu" and not fabric[v]  # noqa: E731
+            under: dict[int, list[int]] = {}
             for r in range(n_gpu):
-                s = int(router.gpu_nodes[r])
-                leaf = self._nearest_fabric(s)
-                if leaf is None:
-                    return None
-                up = router._route(s, leaf, lambda v: kind[v] != "gpu" and not fabric[v])
-                down = router._route(leaf, s, lambda v: v == leaf or (kind[v] != "gpu" and not fabric[v]))
-                if up is None or down is None:
+                s = gpu_nodes[r]
+                leaf = attach[r]
+                up = router._route(s, leaf, local_only)
+                if up is None:
                     return None
                 ups.append(up)
-                downs.append(down)
+                under.setdefault(leaf, []).append(r)
                 leaf_of[r] = self.leaf_ids[leaf]
+            downs = [empty] * n_gpu
+            for leaf, below in under.items():
+                bfs = router._bfs(leaf, lambda v, leaf=leaf: v == leaf or local_only(v), {gpu_nodes[r] for r in below})
+                for r in below:
+                    down = router._backtrack(bfs, gpu_nodes[r])
+                    if down is None:
+                        return None
+                    downs[r] = down
             fab: list[Route] = []
+            unreachable = Route(np.zeros(0, np.int64), np.zeros(0), np.inf)
             for a in leaves:
+                bfs = router._bfs(a, lambda v: fabric[v], set(leaves) - {a})
                 for b in leaves:
-                    if a == b:
-                        fab.append(empty)
-                        continue
-                    route = router._route(a, b, lambda v: fabric[v])
-                    fab.append(route if route is not None else Route(np.zeros(0, np.int64), np.zeros(0), np.inf))
+                    route = empty if a == b else router._backtrack(bfs, b)
+                    fab.append(route if route is not None else unreachable)
             self.fabric = _Csr(fab, router.num_links)
         else:
             ups = downs = [empty] * n_gpu

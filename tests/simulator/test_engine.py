@@ -53,7 +53,8 @@ def _decode_like(n: int, layers: int, rng: np.random.Generator) -> Ops:
             disp = ops.add(r, "s20", "comm", "dispatch", coll="all_to_all", group=group, seq=2 * layer,
                            coll_bytes=1e6, splits=rng.uniform(0.5, 1.5, n) * 1e6 / n, deps=[attn], start=layer * 10 + 2,
                            label=f"L{layer}/dispatch")
-            mlp = ops.add(r, "s7", dur=float(rng.uniform(10, 30)), start=layer * 10 + 3, label=f"L{layer}/mlp0")
+            mlp = ops.add(r, "s7", flops=float(rng.uniform(1, 3)) * 1e10, start=layer * 10 + 3, label=f"L{layer}/mlp0")
+            ops.add(r, "s7", flops=float(rng.uniform(1, 3)) * 1e10, start=layer * 10 + 3.5, label=f"L{layer}/attn1")
             exp = ops.add(r, "s7", flops=2e10, start=layer * 10 + 4, deps=[disp], label=f"L{layer}/experts")
             prev = ops.add(r, "s20", "comm", "combine", coll="all_to_all", group=group, seq=2 * layer + 1,
                            coll_bytes=1e6, deps=[exp], start=layer * 10 + 5, label=f"L{layer}/combine")
@@ -66,6 +67,15 @@ def test_deterministic_byte_identical_metrics():
     table = _decode_like(16, 3, np.random.default_rng(3)).table()
     runs = [json.dumps(compute_metrics(simulate(table, c, seed=5)), sort_keys=True) for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_fused_runs_equal_one_event_per_op():
+    c = get_cluster("h800", gpus=16)
+    table = _decode_like(16, 3, np.random.default_rng(4)).table()
+    fused = simulate(table, c)
+    single = simulate(table, c, fuse=False)
+    for col in ("start_us", "dur_us"):
+        np.testing.assert_allclose(fused.column(col).to_numpy(), single.column(col).to_numpy(), rtol=1e-12, atol=1e-9)
 
 
 def test_gpu_comm_slows_concurrent_model_compute_by_the_sm_share():
