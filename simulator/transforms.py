@@ -445,58 +445,79 @@ def set_world_size(g: StepGraph, world_size: int) -> StepGraph:
 
 @dataclass
 class OpScaling:
-    """Per op of a graph: duration as intercept + slope · x, where x = tokens per rank
-    (attention ops: tokens · sequence length, their causal FLOPs' driver); the host gap
-    before it and collective payload bytes likewise with x = tokens; fitted through two
-    reference runs of one structure."""
+    """Per op of a graph: relative slopes of its duration, the host gap before it and its
+    collective payload, per unit of x, where x = tokens per rank (attention ops' durations:
+    tokens · sequence length, their causal FLOPs' driver). new = old · max(1 + slope · Δx, 0).
 
-    x_kind: np.ndarray  # (N,) bool: True where x = tokens · seq (attention)
-    dur_slope: np.ndarray  # µs per unit x
-    gap_slope: np.ndarray
-    bytes_slope: np.ndarray  # coll_bytes per unit x
-    tokens: float  # of the graph the slopes are applied to
+    Slopes are fitted per group, not per op: ops of one name in one block kind (e.g. every
+    `aten::linear` of every `L*/mlp0`, over all ranks) share the relative slope of the
+    group's total, (total_b − total_a) / (x_b − x_a) / total_a. Pooling averages out the
+    noise of single ops on a shared machine, and the relative form keeps a duration's
+    per-step noise from the base reference."""
+
+    x_attn: np.ndarray  # (N,) bool: True where x = tokens · seq (attention durations)
+    dur_rel_slope: np.ndarray  # 1 / unit x
+    gap_rel_slope: np.ndarray
+    bytes_rel_slope: np.ndarray
+    tokens: float  # of the base reference the slopes start from
     seq: float
 
 
-def _x(scaling_x_attn: np.ndarray, tokens: float, seq: float) -> np.ndarray:
-    return np.where(scaling_x_attn, tokens * seq, tokens)
+def _x(attn: np.ndarray, tokens: float, seq: float) -> np.ndarray:
+    return np.where(attn, tokens * seq, tokens)
+
+
+def _block(label: str) -> str:
+    m = LAYER_LABEL_RE.match(label)
+    return m.group(2) if m else label
+
+
+def _group_rel_slopes(keys: list, va: np.ndarray, vb: np.ndarray, xa: np.ndarray, xb: np.ndarray) -> np.ndarray:
+    """Relative slope of each op's group total (0 for groups with no time at the base)."""
+    out = np.zeros(len(keys))
+    groups: dict = defaultdict(list)
+    for i, k in enumerate(keys):
+        if k is not None:
+            groups[k].append(i)
+    for idx in groups.values():
+        tot_a, tot_b = float(va[idx].sum()), float(vb[idx].sum())
+        if tot_a > 0:
+            out[idx] = (tot_b - tot_a) / (xb[idx[0]] - xa[idx[0]]) / tot_a
+    return out
 
 
 def fit_two_point(a: StepGraph, tokens_a: float, seq_a: float, b: StepGraph, tokens_b: float, seq_b: float) -> OpScaling:
-    """Slopes per op from two graphs of the same op sequence at two sizes (a is the base).
-
-    Slopes are left unclamped (noise on ops whose cost does not grow is as often negative as
-    positive, so it cancels over a step); durations are clamped at 0 when applied. Ops whose
-    label is fixed (optimizer, gradient sync) get slope 0.
-    """
+    """Group-wise relative slopes (see OpScaling) from two graphs of the same op sequence at
+    two sizes; `a` is the base. Ops with a fixed label (optimizer, gradient sync) get 0."""
     if a.n != b.n or a.name != b.name or a.lane != b.lane:
         raise SimulationError("fit_two_point: the two reference runs executed different op sequences")
     attn = np.array([classify(n) == "attention" for n in a.name])
     xa, xb = _x(attn, tokens_a, seq_a), _x(attn, tokens_b, seq_b)
     if np.any(xa == xb) or tokens_a == tokens_b:
         raise SimulationError("fit_two_point: the two references need different token counts")
-    fixed = np.array([_fixed(lbl) for lbl in a.label])
-
-    def slope(va: np.ndarray, vb: np.ndarray) -> np.ndarray:
-        s = (vb - va) / (xb - xa)
-        return np.where(fixed, 0.0, s)
-
-    is_comm = np.asarray(a.kind) == "comm"
-    dur_slope = np.where(is_comm, 0.0, slope(a.dur_us, b.dur_us))
-    bytes_slope = np.where(is_comm & (a.coll_bytes >= METADATA_BYTES), slope(a.coll_bytes, b.coll_bytes), 0.0)
-    gap_slope = np.where(fixed, 0.0, (b.gap_us - a.gap_us) / (tokens_b - tokens_a))  # host time: x = tokens
-    return OpScaling(attn, dur_slope, gap_slope, bytes_slope, float(tokens_a), float(seq_a))
+    fixed = [_fixed(lbl) for lbl in a.label]
+    is_comm = [k == "comm" for k in a.kind]
+    dur_keys = [None if fixed[i] or is_comm[i] else (_block(a.label[i]), a.name[i]) for i in range(a.n)]
+    gap_keys = [None if fixed[i] or is_comm[i] else (_block(a.label[i]), "gap") for i in range(a.n)]
+    byte_keys = [(_block(a.label[i]), a.coll[i]) if is_comm[i] and not fixed[i] and a.coll_bytes[i] >= METADATA_BYTES
+                 else None for i in range(a.n)]
+    ta, tb = np.full(a.n, float(tokens_a)), np.full(a.n, float(tokens_b))
+    return OpScaling(
+        attn, _group_rel_slopes(dur_keys, a.dur_us, b.dur_us, xa, xb), _group_rel_slopes(gap_keys, a.gap_us, b.gap_us, ta, tb),
+        _group_rel_slopes(byte_keys, a.coll_bytes, b.coll_bytes, ta, tb), float(tokens_a), float(seq_a),
+    )
 
 
 def apply_two_point(g: StepGraph, scaling: OpScaling, tokens: float, seq: float) -> StepGraph:
     """`g` (a graph of the base reference's structure, e.g. one of its steps) moved to
     `tokens` per rank and sequence length `seq` along the fitted slopes."""
-    if g.n != len(scaling.dur_slope):
+    if g.n != len(scaling.dur_rel_slope):
         raise SimulationError("apply_two_point: graph and scaling have different op counts")
     g = g.copy()
-    dx = _x(scaling.x_kind, tokens, seq) - _x(scaling.x_kind, scaling.tokens, scaling.seq)
-    g.dur_us = np.maximum(g.dur_us + scaling.dur_slope * dx, 0.0)
-    g.gap_us = np.maximum(g.gap_us + scaling.gap_slope * (tokens - scaling.tokens), 0.0)
-    g.coll_bytes = np.maximum(g.coll_bytes + scaling.bytes_slope * dx, 0.0)
+    dx = _x(scaling.x_attn, tokens, seq) - _x(scaling.x_attn, scaling.tokens, scaling.seq)
+    dt = tokens - scaling.tokens
+    g.dur_us = g.dur_us * np.maximum(1 + scaling.dur_rel_slope * dx, 0.0)
+    g.gap_us = g.gap_us * np.maximum(1 + scaling.gap_rel_slope * dt, 0.0)
+    g.coll_bytes = g.coll_bytes * np.maximum(1 + scaling.bytes_rel_slope * dt, 0.0)
     g.notes.setdefault("transforms", []).append({"two_point": {"tokens": tokens, "seq": seq}})
     return g
