@@ -31,8 +31,11 @@ import socket
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+import numpy as np
 
 from simulator.costmodel import (
     DEVICES,
@@ -344,6 +347,16 @@ def load_calibration(path: str | os.PathLike, backend: str | None = None, world_
 # calibration from a live trace: work from the Kineto shapes, fitted per op name and kind
 
 
+@dataclass
+class _EventColumns:
+    """The profiler events of one rank that carry shapes (N events)."""
+
+    name: list
+    args: list
+    ts_us: "np.ndarray"
+    dur_us: "np.ndarray"
+
+
 def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
     """Fill flops / bytes of CPU ops and coll_bytes of comm ops from the run's Kineto shapes.
 
@@ -356,16 +369,24 @@ def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
     import numpy as np
     import pyarrow as pa
 
-    from traces.kineto import read_trace
+    from traces.capture import read_trace
     from traces.rundir import trace_files
 
-    files = [read_trace(p) for p in trace_files(run_dir)]
-    if not files:
+    # traces.kineto keeps only the args its own columns need, so the shapes come from the
+    # Kineto documents themselves (read through traces/, still never parsed here by hand)
+    paths = trace_files(run_dir)
+    if not paths:
         raise SimulationError(f"{run_dir}: no Kineto traces to take shapes from")
     by_rank = {}
-    for k, tf in enumerate(files):
-        rank = tf.rank if tf.rank >= 0 else k
-        by_rank[rank] = tf
+    for k, path in enumerate(paths):
+        doc = read_trace(path)
+        rank = (doc.get("distributedInfo") or {}).get("rank", k)
+        timed = [e for e in doc.get("traceEvents", []) if e.get("ph") == "X" and isinstance(e.get("args"), dict)
+                 and "Input Dims" in e["args"]]
+        by_rank[int(rank)] = _EventColumns(
+            name=[e.get("name", "") for e in timed], args=[e["args"] for e in timed],
+            ts_us=np.array([float(e.get("ts", 0)) for e in timed]), dur_us=np.array([float(e.get("dur", 0)) for e in timed]),
+        )
     rank_col = ops.column("rank").to_numpy()
     names = ops.column("name").to_pylist()
     start = ops.column("start_us").to_numpy()
