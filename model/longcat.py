@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import counting
 from model.attention import MLA, KVCache
 from model.config import LongcatConfig
 from model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
@@ -104,6 +105,10 @@ class LongcatFlash(nn.Module):
     out = model(input_ids_BT)                        # out.logits [B, T, V]
     cache = model.new_cache(); model(prompt_BT, cache=cache); model(next_B1, cache=cache)
     """
+
+    # closed-form counts (model/counting.py), also reachable as LongcatFlash.total_params(cfg)
+    total_params = staticmethod(counting.total_params)
+    activated_params = staticmethod(counting.activated_params)
 
     def __init__(self, config: LongcatConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
