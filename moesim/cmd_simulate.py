@@ -89,7 +89,7 @@ def _report(out: Path, metrics: dict, wall_s: float) -> None:
 def _run_trace(args: argparse.Namespace) -> int:
     import time
 
-    from simulator.replay import replay, write_sim_run
+    from simulator.replay import consistent_deps, replay, write_sim_run
     from traces.rundir import OPS_PARQUET, RUN_JSON, read_json
     from traces.schema import read_ops
 
@@ -116,6 +116,7 @@ def _run_trace(args: argparse.Namespace) -> int:
                  keep_gaps=not args.no_gaps, flow_model=args.flow_model)
     wall = time.perf_counter() - t0
     info = {k: live[k] for k in ("preset", "config", "schedule", "mode", "plan") if k in live}
+    info["replay_dropped_deps"] = consistent_deps(ops)[1]
     info.update({"input": str(src), "comm_from_trace": bool(args.comm_from_trace), "flow_model": args.flow_model,
                  "keep_gaps": not args.no_gaps, "cores": cluster.cores if cluster.kind == "cpu" else None})
     if "step_time_us_median" in live:

@@ -102,7 +102,7 @@ def plan_collective(
             raise SimulationError(f"{coll} on group {ranks}: needs exactly two ranks and one send op")
         peer = ranks[1] if ranks[0] == sender else ranks[0]
         b = float(coll_bytes[ranks.index(sender)])
-        return [Phase(np.array([sender]), np.array([peer]), np.array([b]), 1)] if b > 0 else []
+        return [Phase(np.array([sender]), np.array([peer]), np.array([max(b, 0.0)]), 1)]
     if n < 2:
         return []
     if coll == "all_to_all":
@@ -121,7 +121,11 @@ def plan_collective(
             dst.append(rank_arr[mask])
             nb.append(np.asarray(per_peer, dtype=np.float64)[mask])
         s, d, b = np.concatenate(src), np.concatenate(dst), np.concatenate(nb)
-        return [Phase(s, d, b, 1)] if len(s) else []
+        if not len(s):  # nothing to move (unknown sizes): still one round of latency
+            s, d = np.repeat(rank_arr, n), np.tile(rank_arr, n)
+            keep = s != d
+            s, d, b = s[keep], d[keep], np.zeros(int(keep.sum()))
+        return [Phase(s, d, b, 1)]
     big = float(np.max(coll_bytes)) if len(coll_bytes) else 0.0
     hosts = _host_layout(ranks, host_of)
     flat = [list(ranks)]

@@ -12,7 +12,8 @@ Model (../shared/DESIGN.md, "Simulator model"):
   of the group has reached it, runs its phases over the network (simulator/collectives.py,
   simulator/network.py) and ends on every rank at once. With `comm_from_trace` the transfer
   takes the shortest traced duration of its ops instead (the last rank to arrive waits least,
-  so that is the pure transfer time). Comm ops without a collective keep their duration.
+  so that is the pure transfer time; each rank keeps its own traced tail after the last
+  arrival). Comm ops without a collective keep their duration.
 - interference: on GPU clusters, while a comm op is in flight on a rank, compute ops of that
   rank whose duration came from a model (not measured) run at 1 - comm_compute_share speed;
   on CPU clusters, compute ops and in-flight transfers (one thread per rank) share `cores`
@@ -164,6 +165,10 @@ class Simulation:
         self._host_of = self._hosts()
         self.ckey, self.rdv = self._collectives(ops, order, is_comm)
         self.run_end = self._runs(fuse)
+        self._tail_extra: dict[int, float] = {}
+        if comm_from_trace:
+            self._trace_start = start[order].tolist()
+            self._trace_end = (start + ops.column("dur_us").to_numpy())[order].tolist()
         self.coll_bytes = ops.column("coll_bytes").to_numpy()[order]
         self.has_splits = pc.list_value_length(ops.column("splits")).to_numpy(zero_copy_only=False)[order] > 0
         self._agg_cache: dict[tuple, list[tuple[list, float]]] = {}
@@ -231,7 +236,8 @@ class Simulation:
             gid = gid_of.get(gs)
             if gid is None:
                 try:
-                    ranks = parse_group(gs)
+                    # "" = the default group: every rank of the table (traces without group args)
+                    ranks = parse_group(gs) if gs else tuple(range(int(self.rank.max()) + 1))
                 except ValueError:
                     raise SimulationError(f"op id {self.ids[i]}: group {gs!r} is not a comma-separated rank list") from None
                 if len(set(ranks)) != len(ranks) or not ranks or ranks[-1] >= num_gpus:
@@ -524,6 +530,9 @@ class Simulation:
         if rdv.arrived == rdv.expected:
             self.env.process(self._collective(rdv))
         yield rdv.event
+        extra = self._tail_extra.get(i) if self.comm_from_trace else None
+        if extra:
+            yield self.env.timeout(extra)
         self._comm_enter(rank, -1)
 
     # --- collectives -------------------------------------------------------------------------
@@ -534,7 +543,12 @@ class Simulation:
         if self.cpu is not None:
             self._cpu_jobs(+len(members))
         if self.comm_from_trace:
-            t = min(self.ops_dur_trace(p) for p in members)
+            # traced tail of each rank after the last arrival (its own end − last start); the
+            # collective releases everyone after the shortest tail, the others keep the rest
+            tails = {p: self._trace_end[p] - max(self._trace_start[q] for q in members) for p in members}
+            t = max(min(tails.values()), 0.0)
+            for p, tail in tails.items():
+                self._tail_extra[p] = max(tail, 0.0) - t
             if t > 0:
                 yield env.timeout(t)
         else:

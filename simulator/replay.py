@@ -3,7 +3,8 @@
     replay(ops, cluster, comm_from_trace=..., seed=...) -> simulated ops table
     write_sim_run(out_dir, sim_ops, cluster, ...)        -> RUN/ with traces, ops, run.json, metrics
 
-Replay keeps what the trace shows but the graph does not explain: an op that started later
+Replay first drops deps the traced timeline contradicts (`consistent_deps`), then keeps
+what the trace shows but the graph does not explain: an op that started later
 than its lane predecessor and its deps allowed was held by the host (Python, launch queues);
 that gap is replayed as a fixed delay (`replay_gaps`). On the trace's own hardware, with comm
 from the trace, a self-consistent timeline is therefore reproduced exactly; with comm from
@@ -56,6 +57,30 @@ def replay_gaps(ops: pa.Table) -> np.ndarray:
     return np.maximum(start - ready, 0.0)
 
 
+def consistent_deps(ops: pa.Table, tolerance_us: float = 0.5) -> tuple[pa.Table, int]:
+    """Drop deps the traced timeline contradicts: a dep that ended after the op started (e.g. a
+    blocking CPU call such as `c10d::alltoall_base_` enclosing the gloo work it issued) cannot
+    be an end-to-start dependency. Returns the table with the kept deps and how many were dropped."""
+    start = ops.column("start_us").to_numpy()
+    end = start + ops.column("dur_us").to_numpy()
+    pos = {int(i): k for k, i in enumerate(ops.column("id").to_numpy().tolist())}
+    dropped = 0
+    kept_lists = []
+    for k, dl in enumerate(ops.column("deps").to_pylist()):
+        kept = []
+        for j in dl or ():
+            p = pos.get(int(j))
+            if p is not None and end[p] > start[k] + tolerance_us:
+                dropped += 1
+            else:
+                kept.append(j)
+        kept_lists.append(kept)
+    if not dropped:
+        return ops, 0
+    index = ops.schema.get_field_index("deps")
+    return ops.set_column(index, ops.schema.field("deps"), pa.array(kept_lists, type=pa.list_(pa.int64()))), dropped
+
+
 def replay(
     ops: pa.Table,
     cluster: Cluster,
@@ -66,10 +91,13 @@ def replay(
     compute_time: ComputeTimeFn | None = None,
     flow_model: FlowModel = "auto",
 ) -> pa.Table:
-    """Simulate a traced op graph; trace durations for compute (and comm with comm_from_trace)."""
-    gaps = replay_gaps(ops) if keep_gaps else None
-    return simulate(
-        ops,
+    """Simulate a traced op graph; trace durations for compute (and comm with comm_from_trace).
+    Deps the trace contradicts are dropped first (`consistent_deps`); the result keeps the
+    original deps column."""
+    graph, _dropped = consistent_deps(ops)
+    gaps = replay_gaps(graph) if keep_gaps else None
+    sim = simulate(
+        graph,
         cluster,
         comm_from_trace=comm_from_trace,
         seed=seed,
@@ -77,6 +105,8 @@ def replay(
         flow_model=flow_model,
         gap_us=gaps,
     )
+    index = sim.schema.get_field_index("deps")
+    return sim.set_column(index, sim.schema.field("deps"), ops.column("deps"))
 
 
 def write_sim_run(

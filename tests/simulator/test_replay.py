@@ -127,3 +127,24 @@ def test_cli_cluster_and_simulate(tmp_path, capsys):
     assert main(["simulate", "--trace", str(run), "--cluster", "cpu-loopback", "--gpus", "2", "-o", str(tmp_path / "t")]) == 2
     assert "never reached by rank(s) 1" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "traces" / "samples"
+
+
+@pytest.mark.parametrize("run", ["tiny-prefill-sequential", "tiny-prefill-shortcut"])
+def test_replaying_live_cpu_runs_with_comm_from_trace_reproduces_step_and_overlap(run):
+    src = SAMPLES / run
+    if not src.is_dir():
+        pytest.skip(f"{src} absent")
+    from traces.kineto import parse_traces
+
+    live = parse_traces(sorted(src.glob("rank*.pt.trace.json.gz")))
+    cluster = get_cluster("cpu-loopback", gpus=2, cores=2)
+    sim = replay(live, cluster, comm_from_trace=True)
+    want, got = compute_metrics(live), compute_metrics(sim)
+    assert got["step_time_us"] == pytest.approx(want["step_time_us"], rel=0.02)
+    for rank, figures in want["ranks"].items():
+        if figures["overlap_pct"] is not None:
+            assert got["ranks"][rank]["overlap_pct"] == pytest.approx(figures["overlap_pct"], abs=3.0)
+        assert got["ranks"][rank]["compute_us"] == pytest.approx(figures["compute_us"], rel=0.02)
