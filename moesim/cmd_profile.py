@@ -1,4 +1,11 @@
-"""`moesim profile`: run LongCat-Flash expert-parallel on N ranks under torch.profiler."""
+"""`moesim profile`: run LongCat-Flash expert-parallel on N ranks under torch.profiler.
+
+Spawns the ranks itself, or, started by torchrun, is one rank of it:
+    torchrun --standalone --nproc-per-node 2 -m moesim profile --world-size 2 ... --out RUN
+    (multi-node: torchrun --nnodes N --rdzv-endpoint HOST:PORT ...; each node writes its ranks'
+    traces to its own RUN, rank 0 writes run.json)
+Exit codes: 0 done, 1 a rank failed or hung (one line naming it), 2 bad arguments.
+"""
 
 from __future__ import annotations
 
@@ -66,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
 def _print_summary(run_dir) -> None:
     from traces.rundir import RUN_JSON, read_json, trace_files
 
+    import os
+
     path = run_dir / RUN_JSON
-    if not path.is_file():  # a torchrun rank other than 0 writes traces only
+    if os.environ.get("RANK", "0") != "0" or not path.is_file():  # under torchrun rank 0 reports
         return
     run = read_json(path)
     print(f"run dir      {run_dir}")
