@@ -65,7 +65,8 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     cannot block a landing (the full matrix measures the 3% goal)."""
     cal = tmp_path / "CAL"
     assert main(["calibrate", "--world-size", "2", "-o", str(cal), "--comm-reps", "5", "--compute-reps", "3"]) == 0
-    assert main(["validate", "--quick", "--calibration", str(cal), "-o", str(tmp_path / "VAL")]) == 0
+    assert main(["validate", "--quick", "--calibration", str(cal), "-o", str(tmp_path / "VAL"),
+                 "--steps", "4", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "median |step-time error|" in out
     val = json.loads((tmp_path / "VAL" / "validation.json").read_text())
