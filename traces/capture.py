@@ -325,6 +325,14 @@ def capture(spec: CaptureSpec) -> Path:
     from model.config import LongcatConfig  # noqa: F401 - fail early on an unknown preset
 
     _check_model_fits(spec)
+    if backend == "nccl":
+        import torch
+
+        if not launched_by_torchrun() and spec.world_size > torch.cuda.device_count():
+            raise CaptureError(
+                f"--world-size {spec.world_size}: NCCL needs one GPU per rank, this machine has "
+                f"{torch.cuda.device_count()}"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     if launched_by_torchrun():
         if int(os.environ["WORLD_SIZE"]) != spec.world_size:
