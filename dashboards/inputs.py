@@ -78,6 +78,16 @@ class Run:
         return None
 
 
+def _read_json(path: Path) -> dict:
+    """rundir.read_json, with a binary / non-UTF-8 file reported as DashboardError too."""
+    try:
+        return rundir.read_json(path)
+    except TraceError as err:
+        raise DashboardError(str(err)) from None
+    except UnicodeDecodeError:
+        raise DashboardError(f"{path}: not a JSON text file (not UTF-8)") from None
+
+
 def load_run(path: str | os.PathLike) -> Run:
     """Read a run dir. Raises DashboardError when `path` is not a run dir or a file in it
     is corrupt; missing optional files become notes."""
@@ -92,11 +102,11 @@ def load_run(path: str | os.PathLike) -> Run:
     ops: pa.Table | None = None
     try:
         if (path / rundir.RUN_JSON).is_file():
-            run = rundir.read_json(path / rundir.RUN_JSON)
+            run = _read_json(path / rundir.RUN_JSON)
         else:
             notes.append(f"{path.name}: no {rundir.RUN_JSON}")
         if (path / rundir.METRICS_JSON).is_file():
-            metrics = rundir.read_json(path / rundir.METRICS_JSON)
+            metrics = _read_json(path / rundir.METRICS_JSON)
         else:
             notes.append(f"{path.name}: no {rundir.METRICS_JSON}")
         if (path / rundir.OPS_PARQUET).is_file():
@@ -213,10 +223,7 @@ def read_train_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def read_validation(path: str | os.PathLike) -> dict:
     """validation.json: checks `configs` is a list of objects with predicted/measured step."""
     path = Path(path)
-    try:
-        obj = rundir.read_json(path)
-    except TraceError as err:
-        raise DashboardError(str(err)) from None
+    obj = _read_json(path)
     configs = obj.get("configs")
     if not isinstance(configs, list) or not configs:
         raise DashboardError(f"{path}: expected a non-empty `configs` list")

@@ -65,7 +65,8 @@ def test_cli_builds_all_views(inputs, tmp_path, capsys):
     assert "views: Timeline, Overlap, Zero experts, Sweep, Validation" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case", ["not_a_run", "missing_dir", "no_parent", "parent_is_file", "corrupt_json"])
+@pytest.mark.parametrize("case", ["not_a_run", "missing_dir", "no_parent", "parent_is_file", "corrupt_json",
+                                  "binary_json", "validation_not_json", "sweep_not_a_table", "sweep_missing_column"])
 def test_bad_input_one_line_exit_2_nothing_written(case, inputs, tmp_path, capsys):
     out = tmp_path / "out" / "d.html"
     out.parent.mkdir()
@@ -85,7 +86,21 @@ def test_bad_input_one_line_exit_2_nothing_written(case, inputs, tmp_path, capsy
         bad.mkdir()
         (bad / rundir.RUN_JSON).write_text("{not json")
         run = str(bad)
-    rc = main(["dashboard", run, "-o", str(out)])
+    elif case == "binary_json":
+        bad = tmp_path / "binary"
+        bad.mkdir()
+        (bad / rundir.RUN_JSON).write_bytes(b"\x80\x81{}")
+        run = str(bad)
+    extra: list[str] = []
+    if case == "validation_not_json":
+        extra = ["--validation", str(inputs["sweep"])]  # a Parquet file
+    elif case == "sweep_not_a_table":
+        extra = ["--sweep", str(inputs["validation"])]
+    elif case == "sweep_missing_column":
+        csv_path = tmp_path / "results.csv"
+        csv_path.write_text("preset,cluster,gpus\nlongcat-flash,h800,32\n")
+        extra = ["--sweep", str(csv_path)]
+    rc = main(["dashboard", run, *extra, "-o", str(out)])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("moesim dashboard: "), err
