@@ -129,7 +129,7 @@ class Simulation:
         ids = ops.column("id").to_numpy()
         order = np.lexsort((ids, start, lane_codes, rank)) if n else np.zeros(0, np.int64)
         self.order = order
-        self.ids = ids[order].tolist()
+        self.ids = ids[order]  # numpy: only error messages read it
         self.rank = rank[order]
         kind_col = ops.column("kind")
         is_comm = pc.equal(kind_col, "comm").to_numpy(zero_copy_only=False)[order]
@@ -156,7 +156,7 @@ class Simulation:
         slowable = (~measured) & is_work
         self._slowable_np = slowable
         self.slowable = slowable.tolist()
-        self.uses_core = ((~is_comm) & (dur_all[order] > 0)).tolist()
+        self.uses_core = ((~is_comm) & (dur_all[order] > 0)).tolist() if self.cpu is not None else None
         self.sharing = self.share > 0 or self.cpu is not None
         # deps → positions
         self.deps = self._deps(ops, order, ids)
@@ -194,11 +194,17 @@ class Simulation:
             raise SimulationError(f"op id {int(ids[owner])} depends on unknown op id {int(flat[k])}")
         inv = np.empty(n, dtype=np.int64)
         inv[order] = np.arange(n)
-        dep_pos = inv[sorted_ids[where]].tolist()
-        off = offsets.tolist()
-        inv_list = inv.tolist()
-        for i in np.flatnonzero(counts).tolist():
-            out[inv_list[i]] = dep_pos[off[i] : off[i + 1]]
+        dep_pos = inv[sorted_ids[where]]
+        # one-dep ops (the common case) as 1-tuples built in C; the rest as slices
+        single = np.flatnonzero(counts == 1)
+        for p, dep in zip(inv[single].tolist(), zip(dep_pos[offsets[single]].tolist())):
+            out[p] = dep
+        multi = np.flatnonzero(counts > 1)
+        if len(multi):
+            dep_list = dep_pos.tolist()
+            off = offsets.tolist()
+            for i in multi.tolist():
+                out[int(inv[i])] = dep_list[off[i] : off[i + 1]]
         return out
 
     def _hosts(self) -> np.ndarray | None:
@@ -239,10 +245,10 @@ class Simulation:
                     # "" = the default group: every rank of the table (traces without group args)
                     ranks = parse_group(gs) if gs else tuple(range(int(self.rank.max()) + 1))
                 except ValueError:
-                    raise SimulationError(f"op id {self.ids[i]}: group {gs!r} is not a comma-separated rank list") from None
+                    raise SimulationError(f"op id {int(self.ids[i])}: group {gs!r} is not a comma-separated rank list") from None
                 if len(set(ranks)) != len(ranks) or not ranks or ranks[-1] >= num_gpus:
                     raise SimulationError(
-                        f"op id {self.ids[i]}: group {gs!r} is empty, repeats a rank or names a rank beyond the "
+                        f"op id {int(self.ids[i])}: group {gs!r} is empty, repeats a rank or names a rank beyond the "
                         f"{num_gpus} GPUs of cluster {self.cluster.name}"
                     )
                 gid = gid_of[gs] = len(self._group_ranks)
@@ -250,7 +256,7 @@ class Simulation:
                 member_sets.append(frozenset(ranks))
             r = rank_list[i]
             if r not in member_sets[gid]:
-                raise SimulationError(f"op id {self.ids[i]}: rank {r} runs a {c} on group {gs} it is not in")
+                raise SimulationError(f"op id {int(self.ids[i])}: rank {r} runs a {c} on group {gs} it is not in")
             if sq < 0:  # no sequence number: match by order per (rank, group, collective)
                 ck = (r, gid, c)
                 sq = counters.get(ck, 0)
@@ -668,7 +674,7 @@ class Simulation:
                 if "coll" not in cycle_via or not colls:
                     p = min(cycle, key=lambda q: self.ids[q])
                     raise SimulationError(
-                        f"dependency cycle through op id {self.ids[p]} ({self._name(p)}, rank {int(self.rank[p])})"
+                        f"dependency cycle through op id {int(self.ids[p])} ({self._name(p)}, rank {int(self.rank[p])})"
                     )
                 p = colls[0]
                 gid, seq, coll = self.ckey[p]
@@ -678,10 +684,10 @@ class Simulation:
                 missing = [r for r in ranks if r not in arrived]
                 raise SimulationError(
                     f"deadlock: collective {coll} on group {','.join(map(str, ranks))} seq {seq} waits for "
-                    f"rank(s) {','.join(map(str, missing))}, blocked on a cycle through op id {self.ids[p]}"
+                    f"rank(s) {','.join(map(str, missing))}, blocked on a cycle through op id {int(self.ids[p])}"
                 )
         i = min(blocked_at.values())
-        raise SimulationError(f"simulation stalled at op id {self.ids[i]} ({self._name(i)}, rank {int(self.rank[i])})")
+        raise SimulationError(f"simulation stalled at op id {int(self.ids[i])} ({self._name(i)}, rank {int(self.rank[i])})")
 
     def _name(self, pos: int) -> str:
         return str(self.names[int(self.order[pos])].as_py())

@@ -26,6 +26,7 @@ import orjson
 import pyarrow as pa
 
 from simulator.cluster import Cluster
+from simulator.collectives import parse_group
 from traces.rundir import rank_trace_name
 
 _CAMEL = {
@@ -97,14 +98,15 @@ def write_kineto_traces(
                     args["moesim name"] = name
                     name = f"ncclDevKernel_{_CAMEL.get(coll, 'Generic')}"
                 group = d["group"][k]
+                members = parse_group(group) if group else ()
                 args.update(
                     {
                         "Collective name": coll,
                         "dtype": "Byte",
                         "In msg nelems": int(coll_bytes[k]),
                         "Out msg nelems": int(coll_bytes[k]),
-                        "Group size": len(group.split(",")) if group else 0,
-                        "Process Group Ranks": "[" + ", ".join(group.split(",")) + "]" if group else "[]",
+                        "Group size": len(members),
+                        "Process Group Ranks": "[" + ", ".join(map(str, members)) + "]",
                         "Seq": d["seq"][k],
                         "In split size": "[" + ", ".join(str(int(x)) for x in (splits[k] or [])) + "]",
                     }

@@ -136,6 +136,14 @@ class Router:
         dist, sigma, lat, preds = bfs
         if dst not in dist:
             return None
+        if sigma[dst] == 1:  # a single shortest path: walk it back
+            links = []
+            v = dst
+            while v in preds:
+                v, li = preds[v][0]
+                links.append(li)
+            links.sort()
+            return Route(np.array(links, dtype=np.int64), np.ones(len(links)), float(lat[dst]))
         # nodes on some shortest path, collected backwards from dst
         order = [dst]
         on_dag = {dst}
