@@ -65,6 +65,54 @@ def _block_breakdown(run_dir: Path, rank: int = 0) -> dict[str, float]:
     return {k: v / max(steps, 1) for k, v in total.items()}
 
 
+def _overlap_probe(rank: int, world: int, device, rows: int, hidden: int, matmul_n: int, repeats: int, out: str) -> None:
+    """Can a gloo all-to-all overlap compute here? Times (median of `repeats`, after a barrier):
+    the exchange alone, a matmul chain alone, and the exchange issued async around the chain."""
+    import torch
+    import torch.distributed as dist
+
+    send = torch.randn(rows * world, hidden)
+    recv = torch.empty_like(send)
+    a = torch.randn(matmul_n, matmul_n)
+
+    def compute() -> None:
+        for _ in range(8):
+            a @ a
+
+    def timed(body) -> float:
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            body()
+            times.append((time.perf_counter() - start) * 1e6)
+        return statistics.median(times)
+
+    def overlapped() -> None:
+        work = dist.all_to_all_single(recv, send, async_op=True)
+        compute()
+        work.wait()
+
+    result = {
+        "comm_us": timed(lambda: dist.all_to_all_single(recv, send)),
+        "compute_us": timed(compute),
+        "overlapped_us": timed(overlapped),
+        "bytes_per_peer": rows * hidden * 4,
+    }
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+
+
+def probe(rows: int, hidden: int, matmul_n: int, repeats: int = 15) -> dict:
+    from traces.capture import spawn_ranks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "probe.json"
+        spawn_ranks(_overlap_probe, 2, (rows, hidden, matmul_n, repeats, str(out)),
+                    backend="gloo", timeout_s=600, status_dir=tmp)
+        return json.loads(out.read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -77,8 +125,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--probe-only", action="store_true", help="only the gloo overlap probe")
     args = parser.parse_args()
 
+    if args.probe_only:
+        r = probe(args.batch // 2 * args.seq * 4, 256, 192)
+        print(f"load {_load()}: {r}")
+        return 0
     configs = [("sequential", True), ("shortcut", True), ("shortcut", False), ("sequential", False)]
     medians: dict[tuple[str, bool], list[float]] = defaultdict(list)
     breakdown: dict[str, dict[str, float]] = {}
@@ -116,12 +169,22 @@ def main() -> int:
     print("  " + " ".join(f"{k:>16}" for k in ["block"] + list(breakdown)))
     for k in keys:
         print("  " + f"{k:>16}" + " ".join(f"{breakdown[s].get(k, 0.0):16.0f}" for s in breakdown))
+    # The overlap probe: an exchange the size of one dispatch of this run, against compute
+    # of about the same length.
+    rows = args.batch // 2 * args.seq * 8 // 2  # ~8 FFN slots per token, half to the peer
+    result = probe(rows, 256, 192)
+    serial = result["comm_us"] + result["compute_us"]
+    print(f"\noverlap probe (2 gloo ranks, {result['bytes_per_peer'] / 1e6:.2f} MB per peer, load {_load()}): "
+          f"all-to-all {result['comm_us']:.0f} us, compute {result['compute_us']:.0f} us, "
+          f"async all-to-all around the compute {result['overlapped_us']:.0f} us "
+          f"= {result['overlapped_us'] / serial:.2f} of comm + compute "
+          f"({result['overlapped_us'] / max(result['comm_us'], result['compute_us']):.2f} of the longer one)")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "load_before": load_before, "load_after": load_after, "medians_us": {f"{s}/{int(p)}": v for (s, p), v in med.items()},
             "runs_us": {f"{s}/{int(p)}": v for (s, p), v in medians.items()},
             "shortcut_over_sequential": ratio_schedule, "shortcut_over_sequential_unprofiled": ratio_schedule_off,
-            "profiler_overhead": overhead, "breakdown_us": breakdown,
+            "profiler_overhead": overhead, "breakdown_us": breakdown, "overlap_probe": result,
         }, indent=1))
     return 0
 
