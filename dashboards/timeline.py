@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -138,16 +139,17 @@ def run_segments(run: Run, ranks: list[int]) -> tuple[list[str], Segments, float
     Times are relative to the run's first op. Returns (row labels, segments, merge gap µs).
     """
     ops = run.ops
-    rank_all = ops.column("rank").to_numpy()
     t0 = float(ops.column("start_us").to_numpy().min()) if ops.num_rows else 0.0
-    keep = np.isin(rank_all, ranks)
-    rank = rank_all[keep]
-    lane = np.array(ops.column("lane").to_pylist(), dtype=object)[keep]
-    kind = np.array(ops.column("kind").to_pylist(), dtype=object)[keep]
-    label = np.array(ops.column("label").to_pylist(), dtype=object)[keep]
-    name = np.array(ops.column("name").to_pylist(), dtype=object)[keep]
-    start = ops.column("start_us").to_numpy()[keep] - t0
-    dur = ops.column("dur_us").to_numpy()[keep]
+    keep = np.isin(ops.column("rank").to_numpy(), ranks)
+    shown = ops.filter(pa.array(keep))  # convert only the shown ranks' strings to Python
+
+    def strings(column: str) -> np.ndarray:
+        return np.array(shown.column(column).to_pylist(), dtype=object)
+
+    rank = shown.column("rank").to_numpy()
+    lane, kind, label, name = strings("lane"), strings("kind"), strings("label"), strings("name")
+    start = shown.column("start_us").to_numpy() - t0
+    dur = shown.column("dur_us").to_numpy()
     end = start + dur
 
     rows: list[str] = []
