@@ -62,7 +62,11 @@ class TraceFile:
     threads: list[tuple]  # (pid, tid) of each thread code
     ts_us: np.ndarray  # (N,) float64, as written (see base_ns)
     dur_us: np.ndarray  # (N,) float64
-    args: list  # (N,) dict or None
+    corr: np.ndarray  # (N,) int64 args.correlation, -1 when absent
+    device: np.ndarray  # (N,) int64 args.device, else the pid when it is a number, else 0
+    stream: np.ndarray  # (N,) int64 args.stream, else the tid when it is a number, else 0
+    nbytes: np.ndarray  # (N,) float64 args.bytes (memcpy / memset), else 0
+    args: list  # (N,) the args dict where later steps need more than the columns, else None
     base_ns: int = 0  # baseTimeNanoseconds, 0 when ts is absolute
     n_events: int = 0  # len(traceEvents)
     rank: int = -1
@@ -70,7 +74,12 @@ class TraceFile:
     pg_ranks: dict[str, list[int]] = field(default_factory=dict)
 
 
-def _load_json(path: Path) -> object:
+CHUNK_BYTES = 8 << 20  # parse the events array in pieces of about this size (bounds memory)
+_EVENTS_KEY = b'"traceEvents"'
+_SPLIT = b",\n  {"  # Kineto writes one event per "  {" block; JSON strings cannot hold a newline
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -81,32 +90,153 @@ def _load_json(path: Path) -> object:
             raw = gzip.decompress(raw)
         except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
             raise TraceError(f"{path}: truncated or corrupt gzip ({err})") from None
+    return raw
+
+
+def _load_whole(path: Path, raw: bytes) -> tuple[dict, list[list]]:
     try:
-        return orjson.loads(raw)
+        doc = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         raise TraceError(f"{path}: invalid JSON ({err})") from None
-
-
-def read_trace(path: str | os.PathLike) -> TraceFile:
-    """Read one Kineto trace file. Raises TraceError naming the file (and event index)."""
-    path = Path(path)
-    doc = _load_json(path)
     if isinstance(doc, list):  # the Chrome "JSON array" form
         doc = {"traceEvents": doc}
     if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
         raise TraceError(f"{path}: not a Kineto/Chrome trace (expected an object with a traceEvents list)")
     events = doc.pop("traceEvents")
+    return doc, [events]
+
+
+def _raw_blocks(path: Path, block_bytes: int):
+    """The file's (decompressed) bytes in blocks of at most `block_bytes`."""
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+        if data[:2] != b"\x1f\x8b":
+            while data:
+                yield data
+                data = f.read(block_bytes)
+            return
+        inflate = zlib.decompressobj(wbits=31)
+        while True:
+            if not data:
+                data = f.read(1 << 20)
+                if not data:
+                    break
+            out = inflate.decompress(data, block_bytes)
+            data = inflate.unconsumed_tail
+            if out:
+                yield out
+            if inflate.eof:
+                data = inflate.unused_data  # (unconsumed_tail repeats these bytes at eof)
+                if not data:
+                    data = f.read(1 << 20)
+                if not data:
+                    return
+                inflate = zlib.decompressobj(wbits=31)  # concatenated gzip members
+        if not inflate.eof:
+            raise ValueError("truncated gzip")
+
+
+def _load_streamed(path: Path):
+    """Yield (meta dict or None, events list) pieces of the events array while decompressing.
+
+    Pieces end at a "," between two "  {" event blocks (Kineto's layout). The first piece
+    is the file's head closed after some events, the last the tail opened before its
+    events; each parse either reads exactly the original text or fails (a split anywhere
+    but between two events of traceEvents leaves unbalanced brackets), and then the caller
+    falls back to one whole-file parse. Raises ValueError when there is nothing to split.
+    """
+    buf = b""
+    head_done = False
+    for block in _raw_blocks(path, CHUNK_BYTES):
+        buf += block
+        if len(buf) < CHUNK_BYTES:
+            continue
+        key = buf.find(_EVENTS_KEY) if not head_done else 0
+        if key < 0:
+            continue
+        hit = buf.rfind(_SPLIT, key + 1)
+        if hit < 0:
+            continue
+        piece, buf = buf[:hit], buf[hit + 1 :]
+        if not head_done:
+            head = orjson.loads(piece + b"]}")
+            del piece
+            if not isinstance(head, dict) or not isinstance(head.get("traceEvents"), list):
+                raise ValueError("head")
+            events = head.pop("traceEvents")
+            head_done = True
+            yield head, events
+        else:
+            yield None, orjson.loads(b"[" + piece + b"]")
+    if not head_done:
+        raise ValueError("small or not in Kineto's layout")
+    tail = orjson.loads(b'{"traceEvents": [' + buf)
+    if not isinstance(tail, dict) or not isinstance(tail.get("traceEvents"), list):
+        raise ValueError("tail")
+    events = tail.pop("traceEvents")
+    yield tail, events
+
+
+def read_trace(path: str | os.PathLike, streamed: bool = True) -> TraceFile:
+    """Read one Kineto trace file. Raises TraceError naming the file (and event index).
+
+    Files in Kineto's layout are decompressed and parsed in ~8 MB pieces of the events
+    array, each turned into columns before the next is read, so peak memory stays a small
+    multiple of one piece plus the columns; anything else is read and parsed whole.
+    """
+    path = Path(path)
+    parts: list[dict] = []
+    meta: dict = {}
     try:
-        tf = _columns(path, doc, events)
+        if not streamed:
+            raise ValueError("whole-file read asked for")
+        offset = 0
+        for piece_meta, events in _load_streamed(path):
+            meta.update(piece_meta or {})
+            parts.append(_events_columns(path, events, offset))
+            offset += len(events)
+            del events
     except TraceError:
         raise
-    except Exception as err:  # noqa: BLE001 - locate the event that broke the fast path
-        _raise_first_bad_event(path, events, err)
+    except IsADirectoryError:
+        raise TraceError(f"{path}: is a directory, expected a trace file") from None
+    except (orjson.JSONDecodeError, ValueError, zlib.error, EOFError):
+        parts, meta = [], {}
+    if not parts:
+        meta, pieces = _load_whole(path, _read_bytes(path))
+        parts = [_events_columns(path, pieces[0], 0)]
+        del pieces
+    tf = _merge_parts(path, meta, parts)
     _read_dist_info(tf)
     return tf
 
 
-def _columns(path: Path, meta: dict, events: list) -> TraceFile:
+def _events_columns(path: Path, events: list, offset: int) -> dict:
+    try:
+        return _columns(events)
+    except Exception as err:  # noqa: BLE001 - locate the event that broke the fast path
+        _raise_first_bad_event(path, events, err, offset)
+
+
+_COLLECTIVE_ARG = "Collective name"
+
+
+def _keep_args(cat: int, name: str, args: object) -> bool:
+    """Whether later steps need the whole args dict of this event (the columns cover the rest)."""
+    if args.__class__ is not dict:
+        return False
+    if cat == CUDA_SYNC:
+        return True
+    if cat == CPU_OP:
+        return name == "record_param_comms" or name.startswith("c10d::")
+    return cat == KERNEL and _COLLECTIVE_ARG in args
+
+
+def _as_int(value: object, default: int) -> int:
+    return value if value.__class__ is int and -(2**62) < value < 2**62 else default
+
+
+def _columns(events: list) -> dict:
     """Fast path: list comprehensions over the event dicts, then numpy."""
     if not all(e.__class__ is dict for e in events):
         raise ValueError("non-object event")
@@ -119,33 +249,64 @@ def _columns(path: Path, meta: dict, events: list) -> TraceFile:
     cat = np.array([cats.get(e.get("cat"), -1) for e in timed], dtype=np.int8)
     keep = np.flatnonzero(cat >= 0)
     kept = [timed[i] for i in keep]
+    cat = cat[keep]
     names = [e.get("name") for e in kept]
     if not all(n.__class__ is str for n in names):
         raise ValueError("non-string name")
-    thread_of: dict[tuple, int] = {}
-    thread = np.array([thread_of.setdefault((e.get("pid"), e.get("tid")), len(thread_of)) for e in kept], dtype=np.int32)
+    threads = [(e.get("pid"), e.get("tid")) for e in kept]
+    hash(tuple(threads))
     args = [e.get("args") for e in kept]
+    args = [a if a.__class__ is dict else None for a in args]
+    empty: dict = {}
+    corr = [_as_int((a or empty).get("correlation"), -1) for a in args]
+    device = [_as_int((a or empty).get("device"), _as_int(t[0], 0)) for a, t in zip(args, threads)]
+    stream = [_as_int((a or empty).get("stream"), _as_int(t[1], 0)) for a, t in zip(args, threads)]
+    nbytes = [(a or empty).get("bytes", 0) for a in args]
+    nbytes = [b if b.__class__ in (int, float) and b >= 0 else 0 for b in nbytes]
+    cat_list = cat.tolist()
+    return {
+        "cat": cat,
+        "name": names,
+        "threads": threads,
+        "ts": ts[keep],
+        "dur": dur[keep],
+        "corr": np.array(corr, dtype=np.int64),
+        "device": np.array(device, dtype=np.int64),
+        "stream": np.array(stream, dtype=np.int64),
+        "nbytes": np.array(nbytes, dtype=np.float64),
+        "args": [a if _keep_args(c, n, a) else None for c, n, a in zip(cat_list, names, args)],
+        "n_events": len(events),
+    }
+
+
+def _merge_parts(path: Path, meta: dict, parts: list[dict]) -> TraceFile:
     base = meta.get("baseTimeNanoseconds", 0)
     if not isinstance(base, int) or isinstance(base, bool) or base < 0:
         raise TraceError(f"{path}: baseTimeNanoseconds must be a non-negative integer, got {base!r}")
+    thread_of: dict[tuple, int] = {}
+    thread = np.array([thread_of.setdefault(t, len(thread_of)) for p in parts for t in p["threads"]], dtype=np.int32)
     return TraceFile(
         path=path,
         meta=meta,
-        cat=cat[keep],
-        name=names,
+        cat=np.concatenate([p["cat"] for p in parts]),
+        name=[n for p in parts for n in p["name"]],
         thread=thread,
         threads=list(thread_of),
-        ts_us=ts[keep],
-        dur_us=dur[keep],
-        args=[a if a.__class__ is dict else None for a in args],
+        ts_us=np.concatenate([p["ts"] for p in parts]),
+        dur_us=np.concatenate([p["dur"] for p in parts]),
+        corr=np.concatenate([p["corr"] for p in parts]),
+        device=np.concatenate([p["device"] for p in parts]),
+        stream=np.concatenate([p["stream"] for p in parts]),
+        nbytes=np.concatenate([p["nbytes"] for p in parts]),
+        args=[a for p in parts for a in p["args"]],
         base_ns=base,
-        n_events=len(events),
+        n_events=sum(p["n_events"] for p in parts),
     )
 
 
-def _raise_first_bad_event(path: Path, events: list, err: Exception) -> None:
+def _raise_first_bad_event(path: Path, events: list, err: Exception, offset: int = 0) -> None:
     """Slow path: find the first event the fast path could not take and name it."""
-    for i, e in enumerate(events):
+    for i, e in enumerate(events, start=offset):
         if not isinstance(e, dict):
             raise TraceError(f"{path}: event {i}: expected a JSON object, got {type(e).__name__}")
         if e.get("ph") != "X":
@@ -157,7 +318,7 @@ def _raise_first_bad_event(path: Path, events: list, err: Exception) -> None:
                 raise TraceError(f"{label}: missing {key}")
             try:
                 number = float(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise TraceError(f"{label}: {key} is not a number: {value!r}") from None
             if not np.isfinite(number):
                 raise TraceError(f"{label}: {key} is not finite: {value!r}")

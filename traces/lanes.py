@@ -181,7 +181,7 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
     corr_piece: dict[int, int] = {}
     corr_start: dict[int, float] = {}
     runtime_idx = np.flatnonzero((cat == RUNTIME) | (cat == DRIVER)).tolist()
-    runtime_corr = [_int_arg(args[i], "correlation", -1) for i in runtime_idx]
+    runtime_corr = tf.corr[runtime_idx].tolist()
     runtime_start = start[runtime_idx].tolist()
     for i, corr, t in zip(runtime_idx, runtime_corr, runtime_start):
         if corr >= 0:
@@ -191,12 +191,7 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
                 corr_piece[corr] = piece
     gpu_idx = np.flatnonzero(is_gpu)
     gpu_idx = gpu_idx[np.argsort(start[gpu_idx], kind="stable")]
-    gpu_lane = []
-    for i in gpu_idx:
-        pid, tid = tf.threads[tf.thread[i]]
-        device = _int_arg(args[i], "device", pid if isinstance(pid, int) else 0)
-        stream = _int_arg(args[i], "stream", tid if isinstance(tid, int) else 0)
-        gpu_lane.append((device, stream))
+    gpu_lane = list(zip(tf.device[gpu_idx].tolist(), tf.stream[gpu_idx].tolist()))
     # regexes run once per distinct kernel name (a trace repeats a few hundred names)
     comm_name = {n: bool(config.comm_kernel_re.search(n)) for n in {names[i] for i in gpu_idx}}
     stream_comm_name = {n: bool(config.comm_stream_kernel_re.search(n)) for n in comm_name}
@@ -213,7 +208,7 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
             kind = "comm"
         else:
             kind = "compute"
-        corr = _int_arg(a, "correlation", -1)
+        corr = int(tf.corr[i])
         launcher = corr_piece.get(corr, -1)
         if launcher >= 0:
             label, step = out.label[launcher], out.step[launcher]
@@ -224,7 +219,7 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
         if launcher >= 0:
             out.deps[op].append(launcher)
         if kind == "memory":
-            out.bytes[op] = float(a.get("bytes", 0) or 0) if a and isinstance(a.get("bytes", 0), (int, float)) else 0.0
+            out.bytes[op] = float(tf.nbytes[i])
         elif kind == "comm":
             out.set_collective(op, collective_of(name, a), *collective_details(a, tf.pg_ranks))
         launch_time[(device, stream)].append(corr_start.get(corr, float(start[i])))
@@ -305,7 +300,7 @@ def _sync_deps(tf, out, corr_start, event_piece, launch_time, lane_ops) -> None:
     for i in runtime_idx:
         piece = event_piece.get(i)
         if piece is not None:
-            corr = _int_arg(args[i], "correlation", -1)
+            corr = int(tf.corr[i])
             if corr >= 0:
                 corr_runtime_piece[corr] = piece
     by_stream: dict[int, list[tuple]] = defaultdict(list)
@@ -353,7 +348,7 @@ def _sync_deps(tf, out, corr_start, event_piece, launch_time, lane_ops) -> None:
     # traces without cuda_sync events: cudaDeviceSynchronize waits for every stream
     for i in runtime_idx:
         if tf.name[i] == "cudaDeviceSynchronize" and i in event_piece:
-            if _int_arg(args[i], "correlation", -1) not in seen_sync:
+            if int(tf.corr[i]) not in seen_sync:
                 for stream in by_stream:
                     out.deps[event_piece[i]].extend(last_op(stream, float(tf.ts_us[i])))
 

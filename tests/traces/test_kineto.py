@@ -96,3 +96,49 @@ def test_comm_regex_is_configurable(run):
     m = compute_metrics(ops)
     assert m["ranks"]["0"]["overlap_pct"] == pytest.approx(100 * 50 / 70)
     assert np.isclose(m["ranks"]["0"]["comm_us"], 70)
+
+
+def _kineto_layout(events, meta=None) -> bytes:
+    """Kineto's file layout: head keys, one "  {...}" block per event, tail keys."""
+    import orjson
+
+    head = orjson.dumps({"schemaVersion": 1, **(meta or {})})[:-1] + b', "traceEvents": [\n'
+    body = b",\n".join(b"  " + orjson.dumps(e) for e in events)
+    return head + body + b'\n], "traceName": "x", "baseTimeNanoseconds": 1000000000\n}'
+
+
+def test_streamed_pieces_read_the_same_as_one_whole_parse(tmp_path, monkeypatch):
+    import gzip
+
+    import traces.kineto as kineto
+
+    events = gpu_rank0_events() * 40  # same events again: enough text for many pieces
+    raw = _kineto_layout(events, {"distributedInfo": {"rank": 0, "world_size": 2}})
+    path = tmp_path / "rank0.pt.trace.json.gz"
+    half = len(raw) // 2
+    path.write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))  # two gzip members
+    monkeypatch.setattr(kineto, "CHUNK_BYTES", 2048)
+    assert sum(1 for _ in kineto._load_streamed(path)) > 5
+    streamed, whole = kineto.read_trace(path), kineto.read_trace(path, streamed=False)
+    for column in ("cat", "ts_us", "dur_us", "corr", "thread", "device", "stream", "nbytes"):
+        assert np.array_equal(getattr(streamed, column), getattr(whole, column)), column
+    assert (streamed.name, streamed.args, streamed.meta) == (whole.name, whole.args, whole.meta)
+    assert streamed.base_ns == 1_000_000_000 and streamed.rank == 0  # tail key, head key
+
+
+def test_streamed_errors_name_the_global_event_index_and_truncation(tmp_path, monkeypatch):
+    import gzip
+
+    import traces.kineto as kineto
+
+    monkeypatch.setattr(kineto, "CHUNK_BYTES", 2048)
+    events = gpu_rank0_events() * 40
+    bad = len(events) - 3
+    events[bad] = dict(events[bad], dur=-1)
+    path = tmp_path / "rank0.pt.trace.json.gz"
+    path.write_bytes(gzip.compress(_kineto_layout(events)))
+    with pytest.raises(TraceError, match=f"event {bad} .*negative dur"):
+        kineto.read_trace(path)
+    path.write_bytes(gzip.compress(_kineto_layout(gpu_rank0_events() * 40))[:-100])
+    with pytest.raises(TraceError, match="truncated or corrupt gzip"):
+        kineto.read_trace(path)
