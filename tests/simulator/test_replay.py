@@ -148,3 +148,26 @@ def test_replaying_live_cpu_runs_with_comm_from_trace_reproduces_step_and_overla
         if figures["overlap_pct"] is not None:
             assert got["ranks"][rank]["overlap_pct"] == pytest.approx(figures["overlap_pct"], abs=3.0)
         assert got["ranks"][rank]["compute_us"] == pytest.approx(figures["compute_us"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_hta_reads_the_simulated_gpu_run_with_our_overlap(tmp_path):
+    hta = pytest.importorskip("hta.trace_analysis")
+    ops = Ops()
+    group = ",".join(map(str, range(8)))
+    for r in range(8):
+        a = ops.add(r, "cuda:0/stream:7", dur=20.0 + 5 * r)
+        ops.add(r, "cuda:0/stream:20", "comm", "a2a", coll="all_to_all", group=group, coll_bytes=8e6, seq=0, deps=[a])
+        ops.add(r, "cuda:0/stream:7", dur=40.0, start=1)
+    cluster = get_cluster("h800", gpus=8)
+    from simulator.engine import simulate
+
+    sim = simulate(ops.table(), cluster)
+    out = write_sim_run(tmp_path / "sim", sim, cluster)
+    ours = compute_metrics(sim)["ranks"]
+    assert 0 < ours["0"]["overlap_pct"] < 100
+    theirs = hta.TraceAnalysis(trace_dir=str(out)).get_comm_comp_overlap(visualize=False)
+    got = dict(zip(theirs["rank"].tolist(), theirs["comp_comm_overlap_pctg"].tolist()))
+    assert sorted(got) == list(range(8))
+    for rank, pct in got.items():
+        assert pct == pytest.approx(ours[str(rank)]["overlap_pct"], abs=0.5)
