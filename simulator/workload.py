@@ -243,16 +243,6 @@ def draw_experts(
     return ids
 
 
-def _scaled_multinomial(counts: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
-    """Per row: a multinomial draw of round(row total · scale) over the row's proportions."""
-    totals = counts.sum(axis=1)
-    probs = counts / np.maximum(totals, 1)[:, None]
-    n = np.round(totals * scale).astype(np.int64)
-    out = rng.multinomial(n, probs)
-    out[totals == 0] = 0
-    return out
-
-
 @dataclass
 class LayerRouting:
     """One MoE layer, one micro-batch, one pipeline stage (ranks local to the stage).
@@ -276,38 +266,73 @@ def route_layer(
     arch: MoeArch, ranks: int, ep: int, tokens_per_rank: int, k_probs: np.ndarray,
     expert_probs: np.ndarray | None, rng: np.random.Generator,
 ) -> LayerRouting:
-    """Draw one layer's routing for `ranks` ranks in EP groups of `ep` consecutive ranks."""
+    """Draw one layer's routing for `ranks` ranks in EP groups of `ep` consecutive ranks.
+
+    Up to EXACT_TOKENS_PER_RANK tokens per rank every token is drawn. Beyond (prefill,
+    training), a sample of tokens gives the mean FFN experts and destination ranks per
+    token, and the counts are drawn at full size: messages per source rank over the
+    destination ranks, and slots per expert, as multinomials of the choice probabilities.
+    """
     E, K = arch.n_routed_experts, arch.moe_topk
     epr = E // ep  # experts per rank
-    sample = min(tokens_per_rank, EXACT_TOKENS_PER_RANK)
-    n = ranks * sample
+    if tokens_per_rank > EXACT_TOKENS_PER_RANK:
+        return _route_layer_sampled(arch, ranks, ep, tokens_per_rank, k_probs, expert_probs, rng)
+    n = ranks * tokens_per_rank
     k_tok = rng.choice(K + 1, size=n, p=k_probs)
     ids = draw_experts(n, K, E, expert_probs, rng)
     used = np.arange(ids.shape[1])[None, :] < k_tok[:, None]  # (n, K) FFN slots in use
-    src = np.repeat(np.arange(ranks), sample)
+    src = np.repeat(np.arange(ranks), tokens_per_rank)
     group_base = (src // ep) * ep
     dest = group_base[:, None] + ids // epr  # global (stage-local) destination rank
     # one message per (token, destination rank): distinct dests among used slots
-    dest_m = np.where(used, dest, -1)
-    dest_s = np.sort(dest_m, axis=1)
+    dest_s = np.sort(np.where(used, dest, -1), axis=1)
     first = np.ones_like(dest_s, dtype=bool)
     first[:, 1:] = dest_s[:, 1:] != dest_s[:, :-1]
     keep = first & (dest_s >= 0)
-    pair = (np.repeat(src, keep.sum(axis=1)) * ranks + dest_s[keep])
+    pair = np.repeat(src, keep.sum(axis=1)) * ranks + dest_s[keep]
     send = np.bincount(pair, minlength=ranks * ranks).reshape(ranks, ranks)
-    gexp = (group_base[:, None] // ep * E + ids)[used]  # expert index unique across EP groups
-    n_groups = ranks // ep
-    per_expert = np.bincount(gexp, minlength=n_groups * E).astype(np.float64)
-    scale = tokens_per_rank / sample
-    if scale > 1.0:  # draw counts at full size from the sampled probabilities
-        send = _scaled_multinomial(send, scale, rng)
-        per_expert = _scaled_multinomial(per_expert.reshape(n_groups, E), scale, rng).reshape(-1).astype(np.float64)
-    expert_slots = per_expert.reshape(ranks, epr).sum(axis=1)
-    experts_hit = (per_expert.reshape(ranks, epr) > 0).sum(axis=1)
-    ffn_slots = float(k_tok.sum()) * scale
+    gexp = ((group_base // ep * E)[:, None] + ids)[used]  # expert index unique across EP groups
+    per_expert = np.bincount(gexp, minlength=ranks // ep * E).astype(np.float64)
+    ffn_slots = float(k_tok.sum())
     return LayerRouting(
-        send_tokens=send.astype(np.int64), expert_slots=expert_slots, experts_hit=experts_hit,
-        ffn_per_token=k_tok.astype(np.int8), zero_slots=K * n * scale - ffn_slots, all_slots=K * n * scale,
+        send_tokens=send.astype(np.int64), expert_slots=per_expert.reshape(ranks, epr).sum(axis=1),
+        experts_hit=(per_expert.reshape(ranks, epr) > 0).sum(axis=1), ffn_per_token=k_tok.astype(np.int8),
+        zero_slots=K * n - ffn_slots, all_slots=float(K * n),
+    )
+
+
+SAMPLE_TOKENS = 4096  # tokens drawn per layer in the sampled mode (for the per-token means)
+
+
+def _route_layer_sampled(
+    arch: MoeArch, ranks: int, ep: int, tokens_per_rank: int, k_probs: np.ndarray,
+    expert_probs: np.ndarray | None, rng: np.random.Generator,
+) -> LayerRouting:
+    E, K = arch.n_routed_experts, arch.moe_topk
+    epr = E // ep
+    k_s = rng.choice(K + 1, size=SAMPLE_TOKENS, p=k_probs)
+    ids = draw_experts(SAMPLE_TOKENS, K, E, expert_probs, rng)
+    used = np.arange(ids.shape[1])[None, :] < k_s[:, None]
+    dest_s = np.sort(np.where(used, ids // epr, -1), axis=1)
+    first = np.ones_like(dest_s, dtype=bool)
+    first[:, 1:] = dest_s[:, 1:] != dest_s[:, :-1]
+    dests_per_token = float((first & (dest_s >= 0)).sum()) / SAMPLE_TOKENS
+    p_exp = np.full(E, 1.0 / E) if expert_probs is None else expert_probs
+    p_rank = p_exp.reshape(ep, epr).sum(axis=1)
+    n_groups = ranks // ep
+    msgs = np.full(ranks, int(round(tokens_per_rank * dests_per_token)))
+    block = rng.multinomial(msgs, p_rank)  # (ranks, ep): each rank's messages over its group
+    send = np.zeros((ranks, ranks), dtype=np.int64)
+    for g in range(n_groups):
+        send[g * ep:(g + 1) * ep, g * ep:(g + 1) * ep] = block[g * ep:(g + 1) * ep]
+    mean_k = float(k_s.mean())
+    slots_g = np.full(n_groups, int(round(tokens_per_rank * ep * mean_k)))
+    per_expert = rng.multinomial(slots_g, p_exp).reshape(-1).astype(np.float64)
+    n = ranks * tokens_per_rank
+    return LayerRouting(
+        send_tokens=send, expert_slots=per_expert.reshape(ranks, epr).sum(axis=1),
+        experts_hit=(per_expert.reshape(ranks, epr) > 0).sum(axis=1), ffn_per_token=k_s.astype(np.int8),
+        zero_slots=(K - mean_k) * n, all_slots=float(K * n),
     )
 
 

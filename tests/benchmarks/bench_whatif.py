@@ -35,21 +35,24 @@ def main() -> None:
         ("prefill 1024", ParallelPlan(gpus=1024, mode="prefill", batch_per_gpu=1, context=4096, schedule="sbo"),
          None),
         ("train 1024", ParallelPlan(gpus=1024, mode="train", batch_per_gpu=4, context=4096, schedule="sbo", pp=4,
-                                    micro_batches=4), None),
+                                    micro_batches=4), None),  # 256-GPU stages, EP 256, 4 micro-batches
     ]
     if args.quick:
         cases = cases[:1]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"load {os.getloadavg()[0]:.2f} (wall time is inflated by other work when load > cores; "
+          f"cpu = this process's CPU seconds)")
     arch = get_arch("longcat-flash")
     for name, plan, goal in cases:
         t0 = time.perf_counter()
         w = generate(arch, plan, np.random.default_rng(0))
         gen_s = time.perf_counter() - t0
+        c0 = time.process_time()
         m = run_whatif("longcat-flash", plan, "h800", None, seed=0)
+        cpu = time.process_time() - c0
         total = m["timing_s"]["total_s"]
         ok = "" if goal is None else (" (goal <= %.0f s: %s)" % (goal, "met" if total <= goal else "MISSED"))
-        print(f"{name:13s} ops {w.ops.num_rows:8d}  wall {total:6.1f} s{ok}  "
+        print(f"{name:13s} ops {w.ops.num_rows:8d}  wall {total:6.1f} s (cpu {cpu:6.1f} s){ok}  "
               f"[workload {m['timing_s']['workload_s']:.1f} s, engine {m['timing_s']['simulate_s']:.1f} s, "
               f"metrics {m['timing_s']['metrics_s']:.1f} s]  generator-alone peer {gen_s:.1f} s "
               f"(ratio total/generator {total / gen_s:.1f}x)  step {m['step_time_us'] / 1e3:.2f} ms, "
