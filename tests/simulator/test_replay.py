@@ -72,6 +72,20 @@ def test_simulated_run_dir_reads_like_a_live_one(tmp_path):
     assert read_json(out / "metrics.json")["step_time_us"] == compute_metrics(back)["step_time_us"]
     from traces.kineto import parse_traces
 
+    import gzip
+    import json
+
+    for path in sorted(out.glob("rank*.pt.trace.json.gz")):
+        events = json.load(gzip.open(path))["traceEvents"]
+        names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+        tracks: dict[int, list] = {}
+        for e in events:
+            if e["ph"] == "X":
+                assert e["cat"] == "kernel" and e["tid"] in names
+                tracks.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"]))
+        for spans in tracks.values():  # Perfetto: slices on one track must nest, not straddle
+            spans.sort()
+            assert all(b[0] >= a[1] - 1e-3 for a, b in zip(spans, spans[1:]))
     parsed = parse_traces(sorted(out.glob("rank*.pt.trace.json.gz")))
     kinds = parsed.column("kind").to_pylist()
     assert kinds.count("comm") == 2 and parsed.column("coll").to_pylist().count("all_to_all") == 2
