@@ -74,7 +74,7 @@ class TraceFile:
     pg_ranks: dict[str, list[int]] = field(default_factory=dict)
 
 
-CHUNK_BYTES = 8 << 20  # parse the events array in pieces of about this size (bounds memory)
+CHUNK_BYTES = 4 << 20  # parse the events array in pieces of about this size (bounds memory)
 _EVENTS_KEY = b'"traceEvents"'
 _SPLIT = b",\n  {"  # Kineto writes one event per "  {" block; JSON strings cannot hold a newline
 
@@ -180,7 +180,7 @@ def _load_streamed(path: Path):
 def read_trace(path: str | os.PathLike, streamed: bool = True) -> TraceFile:
     """Read one Kineto trace file. Raises TraceError naming the file (and event index).
 
-    Files in Kineto's layout are decompressed and parsed in ~8 MB pieces of the events
+    Files in Kineto's layout are decompressed and parsed in ~4 MB pieces of the events
     array, each turned into columns before the next is read, so peak memory stays a small
     multiple of one piece plus the columns; anything else is read and parsed whole.
     """
