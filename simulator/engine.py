@@ -623,71 +623,10 @@ class Simulation:
     # --- failure reports ---------------------------------------------------------------------
 
     def _diagnose(self) -> None:
-        """Explain why ops never finished: a dependency cycle or a collective deadlock."""
-        end = self.end
-        blocked_at: dict[int, int] = {}  # lane index → first unfinished op
-        lane_of: dict[int, int] = {}
-        for li, (lo, hi) in enumerate(self.lane_bounds):
-            for i in range(lo, hi):
-                lane_of[i] = li
-            for i in range(lo, hi):
-                if end[i] < 0:
-                    blocked_at[li] = i
-                    break
-        lane_index = np.zeros(self.n, dtype=np.int64)
-        for li, (lo, hi) in enumerate(self.lane_bounds):
-            lane_index[lo:hi] = li
+        """Explain why ops never finished (simulator/diagnose.py); always raises."""
+        from simulator.diagnose import explain_stall
 
-        def waits_for(i: int) -> list[tuple[int, str]]:
-            key = self.ckey[i]
-            if self.start[i] >= 0 and key is not None:
-                rdv = self.rdv[key]
-                arrived = {int(self.rank[p]) for p in rdv.members}
-                out = []
-                for p in range(self.n):
-                    if self.ckey[p] == key and int(self.rank[p]) not in arrived:
-                        out.append((blocked_at[int(lane_index[p])], "coll"))
-                return out
-            for j in self.deps[i] or ():
-                if end[j] < 0:
-                    return [(blocked_at[int(lane_index[j])], "dep")]
-            return []
-
-        # follow wait-for edges from each blocked op until a node repeats
-        for start_op in sorted(blocked_at.values()):
-            path: list[int] = []
-            via: list[str] = []
-            seen: dict[int, int] = {}
-            i = start_op
-            while i not in seen:
-                seen[i] = len(path)
-                path.append(i)
-                nxt = waits_for(i)
-                if not nxt:
-                    break
-                i, how = nxt[0]
-                via.append(how)
-            else:
-                cycle = path[seen[i]:]
-                cycle_via = via[seen[i]:]
-                colls = [p for p in cycle if self.ckey[p] is not None and self.start[p] >= 0]
-                if "coll" not in cycle_via or not colls:
-                    p = min(cycle, key=lambda q: self.ids[q])
-                    raise SimulationError(
-                        f"dependency cycle through op id {int(self.ids[p])} ({self._name(p)}, rank {int(self.rank[p])})"
-                    )
-                p = colls[0]
-                gid, seq, coll = self.ckey[p]
-                ranks = self._group_ranks[gid]
-                rdv = self.rdv[self.ckey[p]]
-                arrived = {int(self.rank[q]) for q in rdv.members}
-                missing = [r for r in ranks if r not in arrived]
-                raise SimulationError(
-                    f"deadlock: collective {coll} on group {','.join(map(str, ranks))} seq {seq} waits for "
-                    f"rank(s) {','.join(map(str, missing))}, blocked on a cycle through op id {int(self.ids[p])}"
-                )
-        i = min(blocked_at.values())
-        raise SimulationError(f"simulation stalled at op id {int(self.ids[i])} ({self._name(i)}, rank {int(self.rank[i])})")
+        explain_stall(self)
 
     def _name(self, pos: int) -> str:
         return str(self.names[int(self.order[pos])].as_py())
