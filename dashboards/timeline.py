@@ -10,10 +10,12 @@ plotly.js is 4.7 MB; open time: tests/benchmarks/dashboard_open.py):
     median step time from run.json `step_times_us`, else by its span in the trace). Every
     rank appears in the per-rank bar chart beside it (compute, exposed comm and idle per
     step from metrics.json, hidden comm as a marker), with the shown ranks marked.
-  * WebGL and one trace per kind. Ops are drawn as thick line segments of one `scattergl`
-    trace per (run, kind) (x = start, end, gap), not one shape or bar per op, so the
-    browser draws tens of thousands of ops on the GPU (or SwiftShader) in one call. Hover
-    text sits on invisible midpoint markers.
+  * One trace per kind, WebGL when large. Ops are drawn as thick line segments of one
+    trace per (run, kind) (x = start, end, gap), not one shape or bar per op. Up to
+    SVG_MAX_SEGMENTS segments per run that trace is SVG `scatter` (one path: cheap, and it
+    avoids a WebGL context, which costs seconds in software-GL browsers); above it,
+    `scattergl`, so tens of thousands of ops are drawn on the GPU in one call. Hover text
+    sits on invisible midpoint markers.
   * Merging below pixel size. On each lane, consecutive ops of the same kind separated by
     less than span / MERGE_PIXELS are merged into one segment (hover says how many ops
     and their busy time); the threshold doubles until the run has at most MAX_SEGMENTS.
@@ -36,6 +38,7 @@ from dashboards.inputs import Run
 FULL_RANKS = 8  # runs with at most this many ranks show all of them
 MERGE_PIXELS = 4000  # ops closer than span / MERGE_PIXELS on a lane are merged
 MAX_SEGMENTS = 40_000  # per run, after merging
+SVG_MAX_SEGMENTS = 5_000  # per run; above this the timeline uses WebGL (scattergl)
 KIND_COLOURS = {
     "compute": "#1f77b4",
     "comm": "#ff7f0e",
@@ -232,6 +235,7 @@ def timeline_figure(runs: list[Run]) -> tuple[go.Figure | None, list[str]]:
     )
     shown_legend: set[str] = set()
     for i, (r, rows, segs, _) in enumerate(per_run, start=1):
+        scatter = go.Scattergl if segs.row.size > SVG_MAX_SEGMENTS else go.Scatter
         for kind in [*KIND_COLOURS, "overlap"]:
             m = segs.kind == kind
             if not m.any():
@@ -246,14 +250,14 @@ def timeline_figure(runs: list[Run]) -> tuple[go.Figure | None, list[str]]:
             legend = kind not in shown_legend
             shown_legend.add(kind)
             fig.add_trace(
-                go.Scattergl(
+                scatter(
                     x=xs, y=ys, mode="lines", line=dict(color=colour, width=LINE_WIDTH_PX),
                     name=kind, legendgroup=kind, showlegend=legend, hoverinfo="skip", connectgaps=False,
                 ),
                 row=i, col=1,
             )
             fig.add_trace(
-                go.Scattergl(
+                scatter(
                     x=(s + e) / 2, y=y, mode="markers", marker=dict(color=colour, size=LINE_WIDTH_PX, opacity=0),
                     text=[segs.text[j] for j in np.flatnonzero(m)], hovertemplate="%{text}<br>%{x:.1f} µs<extra></extra>",
                     name=kind, legendgroup=kind, showlegend=False,

@@ -86,6 +86,15 @@ def test_timeline_stacks_runs_on_one_axis(inputs, big_run):
     assert all(_n_points(t) > 0 for t in fig.data)
 
 
+def test_timeline_switches_to_webgl_above_the_svg_budget(inputs, monkeypatch):
+    runs = [load_run(inputs["live"])]
+    fig, _ = timeline.timeline_figure(runs)
+    assert {t.type for t in fig.data} == {"scatter"}
+    monkeypatch.setattr(timeline, "SVG_MAX_SEGMENTS", 10)
+    fig, _ = timeline.timeline_figure(runs)
+    assert {t.type for t in fig.data} == {"scattergl"}
+
+
 def test_rank_bars_cover_every_rank(big_run):
     run = load_run(big_run)
     fig = timeline.rank_bars_figure(run, timeline.representative_ranks(run))
