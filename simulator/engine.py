@@ -171,6 +171,7 @@ class Simulation:
             self._trace_end = (start + ops.column("dur_us").to_numpy())[order].tolist()
         self.coll_bytes = ops.column("coll_bytes").to_numpy()[order]
         self.has_splits = pc.list_value_length(ops.column("splits")).to_numpy(zero_copy_only=False)[order] > 0
+        self._splits_flat: tuple[np.ndarray, np.ndarray] | None = None
         self._agg_cache: dict[tuple, list[tuple[list, float]]] = {}
 
     # --- setup ---------------------------------------------------------------------------------
@@ -586,8 +587,11 @@ class Simulation:
             sender = int(self.rank[members[kinds.index("send")]])
             coll = "send"
         elif coll == "all_to_all" and self.has_splits[members].any():
-            sp = table.column("splits")
-            splits = [np.asarray(sp[int(o)].as_py() or [], dtype=np.float64) for o in orig]
+            if self._splits_flat is None:  # once: the list column as flat values + offsets
+                col = table.column("splits").combine_chunks()
+                self._splits_flat = (col.values.to_numpy(zero_copy_only=False), col.offsets.to_numpy())
+            values, offsets = self._splits_flat
+            splits = [values[offsets[o] : offsets[o + 1]] for o in orig.tolist()]
         cache_key = None
         if splits is None:
             cache_key = (coll, ranks, coll_bytes.tobytes(), sender)
