@@ -502,7 +502,7 @@ def build_run_json(spec: CaptureSpec, workload: Any, backend: str, results: list
 class Workload:
     """One rank's model, data and step for `spec.mode`, expert-parallel over the default group.
 
-    prefill: forward of batch/world sequences of `seq` tokens, no grad.
+    prefill: forward of batch/world sequences of `seq` tokens, no grad, last position's logits.
     decode:  `seq` new tokens per sequence on top of `context` cached ones; the cache is filled
              once (untimed) and cut back to `context` before every step, so steps are alike.
     train:   forward, next-token cross entropy (loss / world, so gradients are the global
@@ -569,8 +569,8 @@ class Workload:
         tokens = self._tokens(self.step_index, self.spec.seq)
         self.step_index += 1
         if self.spec.mode != "train":
-            with torch.no_grad():
-                self.model(tokens, cache=self.cache)
+            with torch.no_grad():  # a serving prefill needs the last position's logits only
+                self.model(tokens, cache=self.cache, logits_to_keep=1 if self.spec.mode == "prefill" else 0)
         else:
             logits = self.model(tokens).logits
             with record_function("loss"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import gzip
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -97,6 +98,9 @@ def test_split_sizes_in_run_json_match_the_profiler_record(prefill_run):
 
 
 def _load_tensorboard_run(run_dir: Path):
+    # The loader parses each worker in a child process; fork starts them in a blink (the
+    # variable is read when torch_tb_profiler.multiprocessing is first imported).
+    os.environ.setdefault("TORCH_PROFILER_START_METHOD", "fork")
     from torch_tb_profiler import io
     from torch_tb_profiler.profiler.loader import RunLoader
 
@@ -153,11 +157,13 @@ def test_a_raising_rank_fails_the_run_and_finished_traces_are_kept(tmp_path, cap
 def test_a_hanging_rank_is_stopped_at_the_timeout(tmp_path, capsys):
     # Rank 0 hangs outside any collective; rank 1 waits for it in the next all-to-all.
     started = time.monotonic()
-    assert _profile(tmp_path, "--inject-fault", "hang:0", "--timeout", "40") == 1
+    # (On a loaded machine the deadline may pass before the ranks are set up; the report is
+    # the same then, naming where each rank was.)
+    assert _profile(tmp_path, "--inject-fault", "hang:0", "--timeout", "15") == 1
     elapsed = time.monotonic() - started
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "did not finish within 40 s" in err[0] and "rank 0 (last at" in err[0], err
-    assert elapsed < 40 + 15  # stopped promptly, not left hanging
+    assert len(err) == 1 and "did not finish within 15 s" in err[0] and "rank 0 (last at" in err[0], err
+    assert elapsed < 15 + 15  # stopped promptly, not left hanging
 
 
 @pytest.mark.parametrize("args,message", [
