@@ -164,6 +164,8 @@ class Simulation:
         self.router = Router(cluster)
         self._host_of = self._hosts()
         self.ckey, self.rdv = self._collectives(ops, order, is_comm)
+        self._plain_comm_np = is_comm & np.array([k is None for k in self.ckey], dtype=bool)
+        self.plain_comm = self._plain_comm_np.tolist()
         self.run_end = self._runs(fuse)
         self._tail_extra: dict[int, float] = {}
         if comm_from_trace:
@@ -332,7 +334,7 @@ class Simulation:
         flat = [j for dl in self.deps if dl is not None for j in dl]
         depended[np.array(flat, dtype=np.int64)] = True
         no_deps = np.array([dl is None for dl in self.deps])
-        no_coll = np.array([k is None for k in self.ckey])
+        no_coll = np.array([k is None for k in self.ckey]) & ~self._plain_comm_np
         no_gap = np.ones(n, dtype=bool) if self.gap is None else np.array(self.gap) <= 0
         slow = self._slowable_np
         lane_start = np.zeros(n, dtype=bool)
@@ -354,6 +356,7 @@ class Simulation:
         start, end, done_ev = self.start, self.end, self.done_ev
         run_end = self.run_end
         cpu_sharing = self.cpu is not None
+        plain_comm = self.plain_comm
         # GPU interference, inlined below (the hot path): slowable compute registers itself
         # so a comm op starting or ending on this rank can interrupt it and change its speed
         gpu_sharing = self.share > 0 and not cpu_sharing
@@ -383,6 +386,13 @@ class Simulation:
             if key is not None:
                 start[i] = t_begin
                 yield from self._comm(i, key, rank)
+                end[i] = env.now
+            elif plain_comm[i]:  # a comm kernel without collective args: its traced duration
+                start[i] = t_begin
+                self._comm_enter(rank, +1)
+                if dur[i] > 0:
+                    yield timeout(dur[i])
+                self._comm_enter(rank, -1)
                 end[i] = env.now
             elif cpu_sharing:
                 start[i] = t_begin

@@ -191,3 +191,14 @@ def test_engine_matches_a_reference_scheduler_on_random_graphs(data):
     for fuse in (True, False):
         got = _by_id(simulate(ops.table(), star(2, 10, 1), fuse=fuse))
         assert {i: got[i][0] for i in range(n_ops)} == pytest.approx(want)
+
+
+def test_comm_kernel_without_collective_args_keeps_its_duration_and_slows_compute():
+    c = get_cluster("h800", gpus=8)
+    share = 20 / 132
+    ops = Ops()
+    ops.add(0, "s7", flops=0.6 * 989.4e12 * 1e-4)  # 100 µs alone
+    ops.add(0, "s20", "comm", "dpsk::ep::dispatch", dur=40.0)
+    t = _by_id(simulate(ops.table(), c))
+    assert t[1] == (0.0, 40.0)
+    assert t[0][1] == pytest.approx(40.0 + (100.0 - 40.0 * (1 - share)))
