@@ -63,10 +63,12 @@ def sections_for(
         tl.notes += notes
         if fig is not None:
             tl.figures.append(fig)
-        for r in runs:
-            bars = timeline.rank_bars_figure(r, timeline.representative_ranks(r))
-            if bars is not None:
-                tl.figures.append(bars)
+        small = timeline.small_runs_bars_figure(runs)
+        if small is not None:
+            tl.figures.append(small)
+        for r in runs:  # runs with many ranks: every rank as a bar, the timeline's ranks marked
+            if len((r.metrics or {}).get("ranks") or {}) > timeline.FULL_RANKS:
+                tl.figures.append(timeline.rank_bars_figure(r, timeline.representative_ranks(r)))
         sections.append(tl)
 
         ov = Section("Overlap", "Comm per layer and block, split into hidden (behind compute) and exposed, beside "

@@ -310,3 +310,29 @@ def rank_bars_figure(run: Run, shown_ranks: list[int]) -> go.Figure | None:
         yaxis_title="µs per step", height=380,
     )
     return fig
+
+
+def small_runs_bars_figure(runs: list[Run]) -> go.Figure | None:
+    """Runs with at most FULL_RANKS ranks (all shown in the timeline) in one figure: per
+    rank compute / exposed comm / idle per step (stacked) and hidden comm, µs; x = run · rank."""
+    x: list[str] = []
+    values: dict[str, list[float]] = {k: [] for k in ("compute_us", "exposed_comm_us", "idle_us", "hidden_comm_us")}
+    for run in runs:
+        ranks_obj = (run.metrics or {}).get("ranks")
+        if not isinstance(ranks_obj, dict) or not ranks_obj or len(ranks_obj) > FULL_RANKS:
+            continue
+        for k in sorted(ranks_obj, key=int):
+            x.append(f"{run.path.name} · r{k}")
+            for key in values:
+                values[key].append(float(ranks_obj[k].get(key) or 0.0))
+    if not x:
+        return None
+    fig = go.Figure()
+    for key, colour in (("compute_us", KIND_COLOURS["compute"]), ("exposed_comm_us", KIND_COLOURS["comm"]),
+                        ("idle_us", "#d3d3d3")):
+        fig.add_trace(go.Bar(x=x, y=values[key], name=key.removesuffix("_us").replace("_", " "), marker_color=colour))
+    fig.add_trace(go.Scatter(x=x, y=values["hidden_comm_us"], mode="markers", name="hidden comm",
+                             marker=dict(color=OVERLAP_COLOUR, symbol="diamond", size=9)))
+    fig.update_layout(barmode="stack", title="Per-rank time per step (runs shown in full above)",
+                      xaxis=dict(title="run · rank", type="category"), yaxis_title="µs per step", height=400)
+    return fig

@@ -283,3 +283,15 @@ def test_sweep_without_throughput_columns_keeps_step_time(tmp_path):
     figs, notes = sweep.sweep_view(table)
     assert [f.layout.title.text for f in figs] == ["Step time across the grid"]
     assert len(notes) == 2 and all("tps_per_user" in n for n in notes)
+
+
+def test_small_runs_share_one_bar_figure(inputs):
+    runs = [load_run(inputs["live"]), load_run(inputs["seq"])]
+    fig = timeline.small_runs_bars_figure(runs)
+    compute = next(t for t in fig.data if t.name == "compute")
+    assert list(compute.x) == ["live · r0", "live · r1", "seq · r0", "seq · r1"]
+    expected = [r.metrics["ranks"][k]["compute_us"] for r in runs for k in ("0", "1")]
+    np.testing.assert_allclose(compute.y, expected)
+    hidden = next(t for t in fig.data if t.name == "hidden comm")
+    comm = [r.metrics["ranks"][k]["comm_us"] for r in runs for k in ("0", "1")]
+    assert all(h <= c + 1e-9 for h, c in zip(hidden.y, comm))
