@@ -21,6 +21,18 @@ Model (../shared/DESIGN.md, "Simulator model"):
   the contention they ran under, so they are not slowed again, but they do occupy cores.
 - a collective some rank never reaches, a lock-step ordering deadlock, a dependency cycle,
   an unreachable GPU pair or a rank the cluster lacks → SimulationError naming it.
+- flows: `flow_model="exact"` gives every GPU pair its own flow (and every ring round its own
+  phase); "aggregate" one flow per collective phase carrying all its link loads (bounded by
+  its bottleneck link; within 2 % of exact on 16-GPU presets, tests/simulator); "auto" uses
+  exact for phases of ≤ 64 pairs and ≤ 16 rounds, aggregate beyond. Group "" = all ranks.
+
+Hot path (tests/benchmarks/bench_sim.py): stretches of a lane with no deps, gaps or
+collectives inside are one timeout ("runs", filled in afterwards; `fuse=False` for one
+event per op, tested equal); a comm op starting on a rank does not interrupt its compute
+(the compute timer fires early and re-arms from the rank's comm-busy integral), only a comm
+op ending interrupts compute armed at the slow speed; collectives are one event per
+rendezvous; aggregated loads are cached per (collective, group, sizes).
+
 Deterministic: no randomness, ordered containers only (`seed` is recorded for callers).
 """
 
