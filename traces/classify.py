@@ -14,9 +14,12 @@ CPU events, on a rank whose trace holds GPU activities:
     host     everything else (launch and framework time)
 CPU events, on a CPU-only rank:
     comm     `gloo:*` (and `nccl:*`) user annotations on a worker thread
-    sync     `wait` ops (c10d::wait, aten::wait ...)
-    host     collective issue ops (c10d::*, record_param_comms)
+    sync     ops whose name ends in "wait" (c10d::wait, aten::wait, _ExchangeWait ...)
+    host     collective issue ops (c10d::*, record_param_comms), and a top-level op that
+             calls one (e.g. an autograd Function that starts an exchange)
     compute  every other top-level cpu_op
+A nested issue or wait op is cut out of its top-level op as its own piece, as CUDA runtime
+calls are (traces/lanes.py).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from traces.errors import TraceError
 DEFAULT_COMM_KERNEL_REGEX = r"^nccl|^ncclDevKernel|(^|::|\b)(deep_?ep|ep)::|^void (deep_?ep|dpsk)::"
 DEFAULT_COMM_STREAM_KERNEL_REGEX = r"dispatch|combine|notify"
 SYNC_RUNTIME_RE = re.compile(r"^cuda(Device|Stream|Event)Synchronize$|^cudaStreamQuery$")
-WAIT_OP_RE = re.compile(r"(^|::)wait(_tensor)?$|^c10d::wait|Work\.wait")
+WAIT_OP_RE = re.compile(r"wait(_tensor)?$|^c10d::wait|work\.wait", re.I)
 ISSUE_OP_RE = re.compile(r"^c10d::(?!wait)|^record_param_comms$|^c10d_functional::(?!wait)|^_c10d_functional::(?!wait)")
 CPU_COMM_ANNOTATION_RE = re.compile(r"^(gloo|nccl|mpi|ucc):")
 

@@ -141,6 +141,7 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
 
     out = _OpColumns()
     kind_cache: dict[tuple, str] = {}
+    comm_call_cache: dict[str, bool] = {}
     event_piece: dict[int, int] = {}  # CPU event index → the op (piece) ending with it
 
     # ---- CPU lanes: top-level events cut at nested runtime calls
@@ -154,9 +155,21 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
         members = members[np.lexsort((-(end[members] - start[members]), start[members]))]
         top = _top_level(start[members], end[members])
         tops = members[top]
-        cut_candidates = members[~top & ((cat[members] == RUNTIME) | (cat[members] == DRIVER))]
+        nested = members[~top]
+        is_cut = (cat[nested] == RUNTIME) | (cat[nested] == DRIVER)
+        comm_calls = np.zeros(nested.size, dtype=bool)
+        if not has_gpu:  # CPU collectives: issue and wait calls are their own pieces
+            comm_calls = np.array([cat[i] == CPU_OP and _is_comm_call(names[i], comm_call_cache) for i in nested.tolist()], dtype=bool)
+            is_cut |= comm_calls
+        cut_candidates = nested[is_cut]
         cuts = cut_candidates[_top_level(start[cut_candidates], end[cut_candidates])]
         pieces = _cut(tops, cuts, start, end)
+        # a top-level op that issues or waits for a collective is comm framework, not compute
+        issuing_tops = set()
+        if comm_calls.any():
+            calls = nested[comm_calls]
+            holder = np.searchsorted(start[tops], start[calls], side="right") - 1
+            issuing_tops = set(tops[holder[holder >= 0]].tolist())
         t_ann = [i for i in label_ann if tf.thread[i] == thread]
         l_ann = [i for i in t_ann if _is_l_label(names[i])]
         f_ann = [i for i in t_ann if not _is_l_label(names[i])]
@@ -169,6 +182,8 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
         src_list = src.tolist()
         piece_names = [names[i] for i in src_list]
         kinds = [_cpu_kind(int(cat[i]), names[i], has_gpu, kind_cache) for i in src_list]
+        if issuing_tops:
+            kinds = ["host" if i in issuing_tops and k == "compute" else k for i, k in zip(src_list, kinds)]
         l_values = np.array(l_paint.values + [""], dtype=object)
         f_values = np.array(f_paint.values + [""], dtype=object)
         labels = np.where(l_hit >= 0, l_values[l_hit], f_values[f_hit]).tolist()
@@ -229,6 +244,15 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
     _gloo_deps(tf, out, event_piece, has_gpu)
     out.assign_seq()
     return out.columns()
+
+
+def _is_comm_call(name: str, cache: dict[str, bool]) -> bool:
+    """A collective issue (c10d::*) or wait op, memoised per name. record_param_comms is
+    left inside the c10d call that wraps it."""
+    hit = cache.get(name)
+    if hit is None:
+        hit = cache[name] = name != "record_param_comms" and bool(ISSUE_OP_RE.match(name) or WAIT_OP_RE.search(name))
+    return hit
 
 
 def _cpu_kind(cat: int, name: str, has_gpu: bool, cache: dict[tuple, str]) -> str:
