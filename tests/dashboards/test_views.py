@@ -295,3 +295,15 @@ def test_small_runs_share_one_bar_figure(inputs):
     hidden = next(t for t in fig.data if t.name == "hidden comm")
     comm = [r.metrics["ranks"][k]["comm_us"] for r in runs for k in ("0", "1")]
     assert all(h <= c + 1e-9 for h, c in zip(hidden.y, comm))
+
+
+def test_validation_tolerates_null_summary_and_draws_one_trace_points(inputs):
+    val = read_validation(inputs["validation"])
+    val = {**val, "median_abs_error_pct": None, "max_abs_error_pct": None}
+    val["configs"] = [{**c, "predicted_step_us_one_trace": c["measured_step_us"] * 1.5} for c in val["configs"]]
+    fig = validation.validation_figure(val)
+    errors = [abs(c["error_pct"]) for c in val["configs"]]
+    assert f"median |error| {np.median(errors):.1f}%" in fig.layout.annotations[0].text
+    one = next(t for t in fig.data if t.name == "one-trace prediction")
+    assert len(one.x) == len(val["configs"])
+    assert fig.layout.yaxis.range[1] >= max(one.y)  # the axes hold every point
