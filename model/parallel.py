@@ -21,8 +21,11 @@ Schedules (the ScMoE layer of model/longcat.py; the arithmetic is the single-dev
 In `shortcut`, a label appears twice in a layer: once where the exchange is issued and once
 where the rank waits for it. On gloo the transfer itself runs on gloo's worker thread
 (`gloo:all_to_all` in the trace); on NCCL it runs on NCCL's stream and the wait only makes
-the compute stream wait. The combine's scatter-add back to the tokens is part of `combine`;
-the identity experts' multiply is part of `experts`.
+the compute stream wait. `router` includes the post-attention norm that feeds the MoE;
+`dispatch` includes the synchronous exchange of per-expert counts; `experts` includes the
+identity experts' multiply; `combine` includes the scatter-add back to the tokens.
+With `config.shortcut = False` (the MoE reads attention 1's output) only the combine can
+overlap (with mlps[1]) under `shortcut`.
 
 Backward (train): the transpose of each exchange is a synchronous all-to-all with the split
 sizes swapped; expert gradients stay on the rank that owns the expert.

@@ -87,9 +87,23 @@ def _check_grads(rank: int, world: int, device, schedule: str) -> None:
     assert checked == len(ref_params), (checked, len(ref_params))
 
 
+def _check_conventional_layer(rank: int, world: int, device, schedule: str) -> None:
+    """config.shortcut = False (MoE after attention 1) takes its own path through parallel.py."""
+    config = LongcatConfig.preset("tiny", num_layers=2, shortcut=False)
+    reference, parallel = _models(schedule, config)
+    tokens = _batch(config)
+    b = BATCH // world
+    with torch.no_grad():
+        expected = reference(tokens).logits[rank * b : (rank + 1) * b]
+        got = parallel(tokens[rank * b : (rank + 1) * b]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    _assert_routing_exercised(parallel, rank, world)
+
+
 def _check_all(rank: int, world: int, device, schedule: str) -> None:
     # One spawn per schedule runs every check: starting ranks costs more than the checks.
     _check_forward(rank, world, device, schedule)
+    _check_conventional_layer(rank, world, device, schedule)
     _check_grads(rank, world, device, schedule)
     _check_uneven_split(rank, world, device)
 
