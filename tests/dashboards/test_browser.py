@@ -58,34 +58,26 @@ def test_page_opens_without_errors_and_draws_every_figure(pages, kind):
         assert reports[kind]["canvases"] > 0  # the WebGL timeline was drawn
 
 
-@pytest.mark.parametrize("kind", ["all", "big"])
-def test_screenshot_is_not_blank(pages, kind):
+def test_screenshot_is_not_blank(pages):
+    """The page with every view (WebGL timeline included) renders to pixels."""
     root, built, _ = pages
-    png = browser.screenshot(built[kind].path, root / f"{kind}.png")
+    png = browser.screenshot(built["all"].path, root / "all.png")
     assert browser.pixel_std(png) > 10.0, f"{png} looks blank"
 
 
 def test_128_rank_page_opens_in_under_5_s(pages, tmp_path):
-    """Open time = chromium's wall time on the page minus on an empty page (browser start-up).
+    """Open time = chromium on the page minus chromium on an empty page (browser start-up).
 
-    Peers measured in the same run: an empty page and a page holding only plotly.js (the
-    fixed cost of embedding it). On a shared, overloaded machine everything is slower, so
-    both budgets (open < 5 s, the part our figures add beyond plotly.js < 3 s) are scaled
-    by max(1, load average / CPUs); tests/benchmarks/dashboard_open.py measures it alone.
+    On a shared, overloaded machine everything is slower, so the 5 s budget is scaled by
+    max(1, load average / CPUs); tests/benchmarks/dashboard_open.py measures it alone,
+    against a plotly.js-only page too.
     """
-    from plotly.offline import get_plotlyjs
-
     root, built, _ = pages
     empty = tmp_path / "empty.html"
     empty.write_text("<!DOCTYPE html><html><head></head><body>empty</body></html>")
-    plotly_only = tmp_path / "plotly-only.html"
-    plotly_only.write_text(f"<!DOCTYPE html><html><head><script>{get_plotlyjs()}</script></head><body>x</body></html>")
     empty_s = browser.open_wall_s(empty)
-    plotly_s = browser.open_wall_s(plotly_only)
     page_s = browser.open_wall_s(built["big"].path)
     load = os.getloadavg()[0] / (os.cpu_count() or 1)
     print(f"128-rank dashboard ({built['big'].size_bytes / 1e6:.1f} MB): chromium {page_s:.2f} s, empty page "
-          f"{empty_s:.2f} s, plotly.js only {plotly_s:.2f} s -> open {page_s - empty_s:.2f} s, figures "
-          f"{page_s - plotly_s:.2f} s (load/CPU {load:.1f})")
-    assert page_s - plotly_s < 3.0 * max(1.0, load)
+          f"{empty_s:.2f} s -> open {page_s - empty_s:.2f} s (load/CPU {load:.1f})")
     assert page_s - empty_s < 5.0 * max(1.0, load)
