@@ -118,7 +118,10 @@ def write_sim_run(
     run_info: dict | None = None,
 ) -> Path:
     """Write a simulated run dir (same layout as a live one) atomically: built in a sibling
-    temp dir, then renamed over `out_dir`. Returns the metrics dict's path's dir.
+    temp dir, then renamed over `out_dir`. Returns `out_dir` as a Path.
+
+    Writes ops.parquet (sim_ops), rank{r}.pt.trace.json.gz, run.json and metrics.json
+    (`traces.overlap.compute_metrics(sim_ops)` plus `"source": "simulated"`).
 
     run_info: extra run.json keys (input, preset, config, mode, ...); `source`, `cluster`,
     `seed`, `world_size`, `backend`, `step_times_us`, `step_time_us_median` are set here.
