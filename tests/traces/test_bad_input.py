@@ -131,7 +131,7 @@ _events = st.lists(st.one_of(_good_event, _good_event, st.fixed_dictionaries({},
 _meta = st.fixed_dictionaries({}, optional={"distributedInfo": _json, "baseTimeNanoseconds": _json})
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(events=_events, meta=_meta)
 def test_fuzzed_events_raise_only_trace_error(tmp_path, events, meta):
     path = tmp_path / "rank0.pt.trace.json"
