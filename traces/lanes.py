@@ -360,8 +360,8 @@ def _sync_deps(tf, out, corr_start, event_piece, launch_time, lane_ops) -> None:
                     out.deps[lane_ops[lane][k]].extend(s for s in sources if s != lane_ops[lane][k])
             continue
         piece = corr_runtime_piece.get(corr)
-        if piece is None:
-            continue
+        if piece is None or not SYNC_RUNTIME_RE.match(out.name[piece]):
+            continue  # e.g. cudaEventQuery is traced as "Event Sync" but never blocks
         if kind == "Event Sync" and waited_on >= 0:
             out.deps[piece].extend(last_op(waited_on, t_record))
         elif kind == "Stream Sync":

@@ -142,3 +142,17 @@ def test_streamed_errors_name_the_global_event_index_and_truncation(tmp_path, mo
     path.write_bytes(gzip.compress(_kineto_layout(gpu_rank0_events() * 40))[:-100])
     with pytest.raises(TraceError, match="truncated or corrupt gzip"):
         kineto.read_trace(path)
+
+
+def test_cross_stream_and_device_sync_deps_on_a_real_trace(shared_traces):
+    """HTA's cuda_event_sync_multi_stream trace: stream 24 waits (cudaStreamWaitEvent) on the
+    event recorded after the sgemm on stream 20; cudaDeviceSynchronize waits for all streams."""
+    ops = parse_traces([shared_traces / "hta/critical_path/cuda_event_sync_multi_stream/event_sync_trace.json.gz"]).to_pylist()
+    by_id = {o["id"]: o for o in ops}
+    first_on_24 = min((o for o in ops if o["lane"] == "cuda:0/stream:24"), key=lambda o: o["start_us"])
+    waited = {(by_id[d]["lane"], by_id[d]["name"]) for d in first_on_24["deps"]}
+    assert ("cuda:0/stream:20", "ampere_sgemm_128x64_nn") in waited
+    (sync,) = [o for o in ops if o["name"] == "cudaDeviceSynchronize"]
+    assert sync["kind"] == "sync"
+    assert {by_id[d]["lane"] for d in sync["deps"]} == {"cuda:0/stream:20", "cuda:0/stream:24", "cuda:0/stream:28"}
+    assert all(not o["deps"] for o in ops if o["name"] == "cudaEventQuery")  # a query never blocks
