@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow-model", choices=["auto", "exact", "aggregate"], default="auto",
                         help="per-pair flows (exact), one flow per collective phase (aggregate), or by size (auto)")
     parser.add_argument("--no-gaps", action="store_true", help="drop the host gaps the trace shows between ops")
+    parser.add_argument("--unsized-from-network", action="store_true",
+                        help="collectives without byte counts in the trace: network latency only "
+                             "(default: their traced time, counted in run.json)")
     # analytic what-if (issue 8): the options map onto simulator/workload.py ParallelPlan fields
     g = parser.add_argument_group("analytic what-if (--preset)")
     g.add_argument("--preset", default=None, help="model: a LongCat preset (longcat-flash, small, tiny) or a baseline "
@@ -89,7 +92,7 @@ def _report(out: Path, metrics: dict, wall_s: float) -> None:
 def _run_trace(args: argparse.Namespace) -> int:
     import time
 
-    from simulator.replay import consistent_deps, replay, write_sim_run
+    from simulator.replay import replay, write_sim_run
     from traces.rundir import OPS_PARQUET, RUN_JSON, read_json
     from traces.schema import read_ops
 
@@ -112,11 +115,13 @@ def _run_trace(args: argparse.Namespace) -> int:
     world = int(ops.column("rank").to_numpy().max()) + 1 if ops.num_rows else 1
     cluster = _cluster_for(name, world, args.gpus, cores)
     t0 = time.perf_counter()
+    notes: dict = {}
     sim = replay(ops, cluster, comm_from_trace=args.comm_from_trace, seed=args.seed,
-                 keep_gaps=not args.no_gaps, flow_model=args.flow_model)
+                 keep_gaps=not args.no_gaps, flow_model=args.flow_model,
+                 unsized_from_trace=not args.unsized_from_network, notes=notes)
     wall = time.perf_counter() - t0
     info = {k: live[k] for k in ("preset", "config", "schedule", "mode", "plan") if k in live}
-    info["replay_dropped_deps"] = consistent_deps(ops)[1]
+    info.update(notes)
     info.update({"input": str(src), "comm_from_trace": bool(args.comm_from_trace), "flow_model": args.flow_model,
                  "keep_gaps": not args.no_gaps, "cores": cluster.cores if cluster.kind == "cpu" else None})
     if "step_time_us_median" in live:

@@ -122,6 +122,7 @@ class Simulation:
         gap_us: np.ndarray | None = None,
         interference: bool = True,
         fuse: bool = True,
+        unsized_from_trace: bool = False,
     ):
         self.ops = ops
         self.cluster = cluster
@@ -180,7 +181,8 @@ class Simulation:
         self.plain_comm = self._plain_comm_np.tolist()
         self.run_end = self._runs(fuse)
         self._tail_extra: dict[int, float] = {}
-        if comm_from_trace:
+        self.unsized_from_trace = unsized_from_trace
+        if comm_from_trace or unsized_from_trace:
             self._trace_start = start[order].tolist()
             self._trace_end = (start + ops.column("dur_us").to_numpy())[order].tolist()
         self.coll_bytes = ops.column("coll_bytes").to_numpy()[order]
@@ -559,7 +561,7 @@ class Simulation:
         if rdv.arrived == rdv.expected:
             self.env.process(self._collective(rdv))
         yield rdv.event
-        extra = self._tail_extra.get(i) if self.comm_from_trace else None
+        extra = self._tail_extra.get(i) if self._tail_extra else None
         if extra:
             yield self.env.timeout(extra)
         self._comm_enter(rank, -1)
@@ -571,7 +573,16 @@ class Simulation:
         members = sorted(rdv.members, key=lambda p: self.rank[p])
         if self.cpu is not None:
             self._cpu_jobs(+len(members))
-        if self.comm_from_trace:
+        unsized = (
+            self.unsized_from_trace
+            and not self.comm_from_trace
+            and rdv.key[2] != "barrier"
+            and not self.coll_bytes[members].any()
+            and not self.has_splits[members].any()
+        )
+        if unsized:
+            self.stats.notes["unsized_collectives_from_trace"] = self.stats.notes.get("unsized_collectives_from_trace", 0) + 1
+        if self.comm_from_trace or unsized:
             # traced tail of each rank after the last arrival (its own end − last start); the
             # collective releases everyone after the shortest tail, the others keep the rest
             tails = {p: self._trace_end[p] - max(self._trace_start[q] for q in members) for p in members}
@@ -669,12 +680,15 @@ def simulate(
     gap_us: np.ndarray | None = None,
     interference: bool = True,
     fuse: bool = True,
+    unsized_from_trace: bool = False,
 ) -> pa.Table:
     """Simulate `ops` (a normalized trace table) on `cluster`; return it with simulated
     start_us / dur_us (same rows, same order). See the module docstring for the model.
 
     compute_time(ops, cluster) -> float64[n] µs for non-collective ops (default
     roofline_time_us). gap_us: per-op host delay after the op becomes ready (replay).
+    unsized_from_trace: collectives whose ops carry no byte counts take their traced time
+    (as with comm_from_trace) instead of the network model's latency-only answer.
     """
     return Simulation(
         ops,
@@ -686,4 +700,5 @@ def simulate(
         gap_us=gap_us,
         interference=interference,
         fuse=fuse,
+        unsized_from_trace=unsized_from_trace,
     ).run()

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from simulator.cluster import Cluster
-from simulator.engine import ComputeTimeFn, FlowModel, simulate
+from simulator.engine import ComputeTimeFn, FlowModel, Simulation
 from simulator.errors import SimulationError
 from simulator.export import step_times_us, write_kineto_traces
 from traces.rundir import METRICS_JSON, OPS_PARQUET, RUN_JSON, write_json_atomic
@@ -90,13 +90,17 @@ def replay(
     keep_gaps: bool = True,
     compute_time: ComputeTimeFn | None = None,
     flow_model: FlowModel = "auto",
+    unsized_from_trace: bool = True,
+    notes: dict | None = None,
 ) -> pa.Table:
     """Simulate a traced op graph; trace durations for compute (and comm with comm_from_trace).
     Deps the trace contradicts are dropped first (`consistent_deps`); the result keeps the
-    original deps column."""
-    graph, _dropped = consistent_deps(ops)
+    original deps column. Collectives the trace gives no byte counts for take their traced
+    time (`unsized_from_trace`). `notes`, when given, receives `replay_dropped_deps` and
+    `unsized_collectives_from_trace` counts."""
+    graph, dropped = consistent_deps(ops)
     gaps = replay_gaps(graph) if keep_gaps else None
-    sim = simulate(
+    engine = Simulation(
         graph,
         cluster,
         comm_from_trace=comm_from_trace,
@@ -104,7 +108,12 @@ def replay(
         compute_time=compute_time,
         flow_model=flow_model,
         gap_us=gaps,
+        unsized_from_trace=unsized_from_trace,
     )
+    sim = engine.run()
+    if notes is not None:
+        notes["replay_dropped_deps"] = dropped
+        notes["unsized_collectives_from_trace"] = engine.stats.notes.get("unsized_collectives_from_trace", 0)
     index = sim.schema.get_field_index("deps")
     return sim.set_column(index, sim.schema.field("deps"), ops.column("deps"))
 

@@ -185,3 +185,17 @@ def test_hta_reads_the_simulated_gpu_run_with_our_overlap(tmp_path):
     assert sorted(got) == list(range(8))
     for rank, pct in got.items():
         assert pct == pytest.approx(ours[str(rank)]["overlap_pct"], abs=0.5)
+
+
+def test_collectives_without_sizes_fall_back_to_traced_time_and_are_counted():
+    ops = _self_consistent()
+    for k in ("coll_bytes",):
+        ops.cols[k] = [0.0] * len(ops.cols[k])
+    table = ops.table()
+    cluster = get_cluster("cpu-loopback", gpus=2, cores=2)
+    notes: dict = {}
+    sim = replay(table, cluster, notes=notes)
+    np.testing.assert_array_equal(sim.column("start_us").to_numpy(), table.column("start_us").to_numpy())
+    assert notes == {"replay_dropped_deps": 0, "unsized_collectives_from_trace": 1}
+    latency_only = replay(table, cluster, unsized_from_trace=False).to_pydict()
+    assert latency_only["dur_us"][5] == pytest.approx(30.0)  # two 15 µs loopback hops, no bytes
