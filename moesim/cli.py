@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb, module in _verb_modules().items():
-        p = sub.add_parser(verb, help=module.HELP, description=module.HELP)
+        # argparse %-formats help strings; a verb's HELP is plain text.
+        p = sub.add_parser(verb, help=module.HELP.replace("%", "%%"), description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
