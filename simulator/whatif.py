@@ -359,6 +359,7 @@ def summary_lines(m: dict) -> list[str]:
                      ("exposed_comm_us_mean", "exposed comm     {:10.1f} us/step"),
                      ("activated_params_mean", "activated/token  {:10.4g}"),
                      ("zero_expert_share", "zero-expert share{:10.3f}"),
+                     ("moe_comm_share_pct", "MoE comm share   {:10.1f} % of all-to-all + expert time"),
                      ("expert_load_max_over_mean", "expert load max/mean {:6.2f}")]:
         if m.get(key) is not None:
             lines.append("  " + fmt.format(m[key]))
