@@ -14,6 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a 4-config subset (world size 2, prefill) for CI")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per live run (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="warmup steps per live run (default 2)")
+    parser.add_argument("--merge", nargs="+", metavar="VAL_PART", default=None,
+                        help="run nothing: combine these validation dirs (matrix subsets) into -o VAL")
+    parser.add_argument("--modes", default="prefill,train", help="subset of the matrix: comma-separated modes (default prefill,train)")
+    parser.add_argument("--world-sizes", default="1,2", help="subset of the matrix: comma-separated world sizes (default 1,2)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,6 +27,12 @@ def run(args: argparse.Namespace) -> int:
     from simulator.calibrate import calibrate, calibration_path, write_calibration
     from simulator.validate import validate
 
+    if args.merge:
+        from simulator.validate import merge
+
+        result = merge(args.merge, args.out)
+        _print_summary(result, args.out)
+        return 0
     if args.steps < 1 or args.warmup < 0:
         raise UsageError("--steps must be ≥ 1 and --warmup ≥ 0")
     cal = args.calibration
@@ -31,16 +41,33 @@ def run(args: argparse.Namespace) -> int:
         if not calibration_path(cal).is_file():
             print(f"no --calibration given: calibrating gloo, world size 2 into {cal}")
             write_calibration(calibrate("gloo", 2, comm_reps=7, compute_reps=5), cal)
-    result = validate(args.out, cal, quick=args.quick, steps=args.steps, warmup=args.warmup)
+    from simulator.validate import matrix
+
+    modes = set(args.modes.split(","))
+    try:
+        sizes = {int(w) for w in args.world_sizes.split(",")}
+    except ValueError:
+        raise UsageError(f"--world-sizes: expected comma-separated integers, got {args.world_sizes!r}") from None
+    configs = [c for c in matrix(args.quick) if c.mode in modes and c.world_size in sizes]
+    if not configs:
+        raise UsageError(f"no config of the {'quick ' if args.quick else ''}matrix has mode in {sorted(modes)} "
+                         f"and world size in {sorted(sizes)}")
+    result = validate(args.out, cal, quick=args.quick, steps=args.steps, warmup=args.warmup, configs=configs)
+    _print_summary(result, args.out)
+    return 0
+
+
+def _print_summary(result: dict, out: str) -> None:
+    from pathlib import Path
+
     print(f"median |step-time error| {result['median_abs_error_pct']:.1f}%   max {result['max_abs_error_pct']:.1f}%   "
           f"({len(result['configs'])} configs, two-point per-op scaling)")
     if result.get("median_abs_error_pct_one_trace") is not None:
         print(f"one trace + cost model: median |error| {result['median_abs_error_pct_one_trace']:.1f}%   "
               f"max {result['max_abs_error_pct_one_trace']:.1f}%")
     if result["overlap_max_abs_diff_pts"] is not None:
-        print(f"overlap |predicted - measured|: median {result['overlap_median_abs_diff_pts']:.1f} pts, "
+        print(f"overlap |predicted - measured| (world size > 1): median {result['overlap_median_abs_diff_pts']:.1f} pts, "
               f"max {result['overlap_max_abs_diff_pts']:.1f} pts")
     for s in result["speedups"]:
         print(f"shortcut speedup {s['name']}: predicted {s['predicted']:.3f}  measured {s['measured']:.3f}  ({s['diff_pts']:+.1f} pts)")
-    print(f"wrote {Path(args.out) / 'validation.json'}")
-    return 0
+    print(f"wrote {Path(out) / 'validation.json'}")

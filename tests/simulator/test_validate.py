@@ -32,7 +32,7 @@ def _row(name, w, sched, pred, meas, b=4, t=32):
 
 def test_summary_errors_and_speedups():
     rows = [_row("a", 2, "sequential", 110, 100), _row("b", 2, "shortcut", 100, 100),
-            _row("c", 1, "sequential", 97, 100, b=8)]
+            _row("c", 2, "sequential", 97, 100, b=8)]
     s = summarise(rows)
     assert s["median_abs_error_pct"] == pytest.approx(3.0) and s["max_abs_error_pct"] == pytest.approx(10.0)
     assert s["overlap_max_abs_diff_pts"] == pytest.approx(3.0)
@@ -77,3 +77,17 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
         assert c["reference"] != c["name"]
     assert val["median_abs_error_pct"] <= 10.0, (val["median_abs_error_pct"], [c["error_pct"] for c in val["configs"]])
     assert (tmp_path / "VAL" / "validation.md").is_file()
+
+
+def test_merge_recomputes_the_summary(tmp_path, capsys):
+    from traces.rundir import write_json_atomic
+
+    for part, rows in (("A", [_row("a", 2, "sequential", 110, 100)]), ("B", [_row("b", 2, "shortcut", 98, 100)])):
+        (tmp_path / part).mkdir()
+        write_json_atomic(tmp_path / part / "validation.json", summarise(rows))
+    assert main(["validate", "--merge", str(tmp_path / "A"), str(tmp_path / "B"), "-o", str(tmp_path / "M")]) == 0
+    merged = json.loads((tmp_path / "M" / "validation.json").read_text())
+    assert [c["name"] for c in merged["configs"]] == ["a", "b"]
+    assert merged["median_abs_error_pct"] == pytest.approx(6.0) and merged["max_abs_error_pct"] == pytest.approx(10.0)
+    assert merged["speedups"][0]["measured"] == pytest.approx(1.0)
+    assert "median |step-time error| 6.0%" in capsys.readouterr().out
