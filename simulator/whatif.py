@@ -377,20 +377,27 @@ def summary_lines(m: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- CLI glue
 def routing_from_file(path: str | Path, arch: MoeArch, choice: str = "replay") -> "RoutingSpec":
-    """A RoutingSpec from a `moesim train` log (train_log.csv: the last fifth of the steps'
-    ffn_experts_per_token / ffn_experts_std) or a routing record JSON:
-    {"ffn_experts_per_token": [k per token, ...] (or per layer: [[...], ...]),
-     "tokens_per_expert": [counts over FFN (then zero) experts] (or per layer)}.
-    Expert choice is replayed from tokens_per_expert when it covers arch's FFN experts."""
+    """A RoutingSpec from a recorded run, for `arch` at full scale. Accepted:
+    - a `moesim train` log (train_log.csv): mean / std of ffn_experts_per_token over the last
+      fifth of the steps;
+    - a live run dir or its run.json (traces/capture.py): `routing` → {layer:
+      {ffn_experts_per_token_hist, tokens_per_expert}}, summed over layers;
+    - a routing record JSON: {"ffn_experts_per_token": [k per token] (or per layer),
+      or "ffn_experts_per_token_hist": [count of k = 0..K], "tokens_per_expert": [...]}.
+    A histogram over another top-k is mapped by k → round(k · K / K_record). With
+    choice="replay" the per-expert load profile becomes the choice probabilities; a record
+    of another expert count keeps its sorted profile, interpolated to arch's experts."""
     import csv
     import json
 
     from simulator.workload import RoutingSpec
 
     path = Path(path)
+    if path.is_dir():
+        path = path / "run.json"
     if not path.is_file():
-        raise SimulationError(f"{path}: no routing record or train log")
-    K = arch.moe_topk
+        raise SimulationError(f"{path}: no routing record, run.json or train log")
+    K, E = arch.moe_topk, arch.n_routed_experts
     if path.suffix == ".csv":
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -404,22 +411,44 @@ def routing_from_file(path: str | Path, arch: MoeArch, choice: str = "replay") -
         rec = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise SimulationError(f"{path}: not valid JSON ({err.msg})") from None
+    hist, tpe = None, None
+    if isinstance(rec.get("routing"), dict) and rec["routing"]:  # a live run's run.json
+        layers = list(rec["routing"].values())
+        hist = np.sum([np.asarray(v["ffn_experts_per_token_hist"], dtype=np.float64) for v in layers], axis=0)
+        tpe = np.sum([np.asarray(v["tokens_per_expert"], dtype=np.float64) for v in layers], axis=0)
+        tpe = tpe[: int(rec.get("config", {}).get("n_routed_experts", len(tpe)))]  # FFN experts only
+    else:
+        ks = rec.get("ffn_experts_per_token")
+        if ks is not None:
+            flat = np.concatenate([np.ravel(np.asarray(k, dtype=np.int64))
+                                   for k in (ks if ks and isinstance(ks[0], list) else [ks])])
+            if flat.size == 0 or flat.min() < 0:
+                raise SimulationError(f"{path}: ffn_experts_per_token must be counts >= 0")
+            hist = np.bincount(flat).astype(np.float64)
+        elif rec.get("ffn_experts_per_token_hist") is not None:
+            hist = np.asarray(rec["ffn_experts_per_token_hist"], dtype=np.float64)
+        if rec.get("tokens_per_expert") is not None:
+            tpe = np.asarray(rec["tokens_per_expert"], dtype=np.float64)
+            tpe = tpe.sum(axis=0) if tpe.ndim == 2 else tpe
     spec = RoutingSpec()
-    ks = rec.get("ffn_experts_per_token")
-    if ks is not None:
-        flat = np.concatenate([np.ravel(np.asarray(k, dtype=np.int64)) for k in (ks if ks and isinstance(ks[0], list) else [ks])])
-        if flat.size == 0 or flat.min() < 0 or flat.max() > K:
-            raise SimulationError(f"{path}: ffn_experts_per_token must be in 0..{K} for {arch.name}")
-        spec.k_probs = (np.bincount(flat, minlength=K + 1) / flat.size).tolist()
-    tpe = rec.get("tokens_per_expert")
+    if hist is not None:
+        if hist.sum() <= 0:
+            raise SimulationError(f"{path}: empty FFN-experts-per-token histogram")
+        k_rec = len(hist) - 1
+        mapped = np.zeros(K + 1)
+        for j, c in enumerate(hist):
+            mapped[min(K, int(round(j * K / k_rec)) if k_rec else 0)] += c
+        spec.k_probs = (mapped / mapped.sum()).tolist()
     if tpe is not None and choice == "replay":
-        counts = np.asarray(tpe, dtype=np.float64)
-        counts = counts.sum(axis=0) if counts.ndim == 2 else counts
-        if counts.size < arch.n_routed_experts:
-            raise SimulationError(f"{path}: tokens_per_expert has {counts.size} entries, "
-                                  f"{arch.name} has {arch.n_routed_experts} FFN experts")
+        counts = tpe[:E] if tpe.size >= E and tpe.size <= E + arch.zero_expert_num else None
+        if counts is None or counts.size != E:  # another model: keep the sorted load profile,
+            prof = np.sort(tpe)[::-1]            # placed on experts by the run's seeded shuffle
+            counts = np.interp(np.linspace(0, prof.size - 1, E), np.arange(prof.size), prof)
+            spec.shuffle_experts = True
+        if counts.sum() <= 0:
+            raise SimulationError(f"{path}: tokens_per_expert are all zero")
         spec.choice = "replay"
-        spec.expert_probs = counts[: arch.n_routed_experts].tolist()
+        spec.expert_probs = counts.tolist()
     return spec
 
 

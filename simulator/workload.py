@@ -65,6 +65,7 @@ class RoutingSpec:
     choice: Literal["uniform", "zipf", "replay"] = "uniform"
     zipf_s: float = 1.0
     expert_probs: list[float] | None = None  # replay: per FFN expert, any scale
+    shuffle_experts: bool = False  # replay: place the profile on experts by a seeded permutation
 
 
 @dataclass
@@ -209,6 +210,8 @@ def expert_distribution(arch: MoeArch, spec: RoutingSpec, rng: np.random.Generat
         probs = np.asarray(spec.expert_probs, dtype=np.float64)
         if (probs < 0).any() or probs.sum() <= 0:
             raise SimulationError("routing: expert_probs must be non-negative, not all zero")
+        if spec.shuffle_experts:
+            probs = probs[rng.permutation(E)]
     else:
         raise SimulationError(f"routing: choice {spec.choice!r}: expected uniform, zipf or replay")
     return probs / probs.sum()

@@ -111,3 +111,24 @@ def test_cli_analytic_and_bad_plans(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "GB per GPU" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_routing_from_a_live_run_json(tmp_path):
+    """run.json of a live run (traces/capture.summarise_routing layout), another model size:
+    the histogram carries over, the load profile is interpolated to the target's experts."""
+    arch = get_arch("longcat-flash")
+    layer = {"ffn_experts_per_token_hist": [0, 0, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0, 10],
+             "tokens_per_expert": [40] * 4 + [10] * 60 + [5] * 32}
+    run = {"config": {"n_routed_experts": 64}, "routing": {"0": layer, "1": layer}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    spec = routing_from_file(tmp_path, arch)
+    assert spec.k_probs[6] == pytest.approx(0.5) and spec.k_probs[12] == pytest.approx(0.5)
+    probs = np.asarray(spec.expert_probs)
+    assert probs.size == 512 and spec.shuffle_experts
+    assert probs.max() == pytest.approx(80) and probs.min() == pytest.approx(20)
+    from simulator.workload import generate
+
+    plan = ParallelPlan(gpus=16, mode="decode", batch_per_gpu=8, context=64, routing=spec)
+    w = generate(arch, plan, np.random.default_rng(0))
+    k = w.ffn_per_token
+    assert set(np.unique(k)) <= {6, 12}
