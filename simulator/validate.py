@@ -350,12 +350,12 @@ def merge(paths: list[str | os.PathLike], out_dir: str | os.PathLike) -> dict:
 
 def write_table(path: Path, result: dict) -> Path:
     """A markdown table of the configs (README / dashboards)."""
-    lines = ["| config | predicted ms | measured ms (min–max) | error % | overlap % pred / meas | load |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | predicted ms | measured ms (min–max) | error % | one-trace error % | overlap % pred / meas | load |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["configs"]:
         lines.append(f"| {r['name']} | {r['predicted_step_us'] / 1e3:.1f} | {r['measured_step_us'] / 1e3:.1f} "
                      f"({r['measured_step_us_min'] / 1e3:.1f}–{r['measured_step_us_max'] / 1e3:.1f}) | "
-                     f"{r['error_pct']:+.1f} | {_fmt(r['predicted_overlap_pct'])} / {_fmt(r['measured_overlap_pct'])} | "
+                     f"{r['error_pct']:+.1f} | {r.get('error_pct_one_trace', float('nan')):+.1f} | {_fmt(r['predicted_overlap_pct'])} / {_fmt(r['measured_overlap_pct'])} | "
                      f"{r['load_1min']} |")
     lines.append("")
     lines.append(f"median |error| {result['median_abs_error_pct']:.1f}%, max |error| {result['max_abs_error_pct']:.1f}%")

@@ -27,7 +27,8 @@ def test_matrix_covers_the_issue_and_never_contains_its_reference():
 def _row(name, w, sched, pred, meas, b=4, t=32):
     return {"name": name, "world_size": w, "mode": "prefill", "schedule": sched, "batch": b, "seq": t,
             "predicted_step_us": pred, "measured_step_us": meas, "error_pct": 100 * (pred - meas) / meas,
-            "predicted_overlap_pct": 10.0, "measured_overlap_pct": 13.0}
+            "predicted_overlap_pct": 10.0, "measured_overlap_pct": 13.0, "measured_step_us_min": meas,
+            "measured_step_us_max": meas, "load_1min": 1.0, "error_pct_one_trace": 1.0}
 
 
 def test_summary_errors_and_speedups():
