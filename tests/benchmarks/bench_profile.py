@@ -1,6 +1,8 @@
 """Live runs on 2 CPU ranks: shortcut vs sequential schedule, and the profiler's overhead.
 
     python3 tests/benchmarks/bench_profile.py [--preset small] [--mode prefill] [--rounds 3]
+    python3 tests/benchmarks/bench_profile.py --interleaved 8     # one run, configs alternating per step
+    python3 tests/benchmarks/bench_profile.py --probe-only        # can gloo overlap comm with compute here?
 
 Runs `traces.capture` back to back, alternating the configurations round by round so slow
 drift in machine load hits all of them alike, and prints per configuration the median over
@@ -10,7 +12,8 @@ rounds of each run's median step time (max over ranks per step), then
 plus where the time of one layer goes on rank 0 (from the traces of the profiled runs): the
 labelled spans of each block and the gloo all-to-all transfers on gloo's thread. The machine's
 load average is printed before and after: on a shared 2-core machine, figures taken under load
-are noise.
+are noise. `--interleaved` is the robust form: one run alternating sequential/shortcut and
+profiler off/on step by step (a barrier, untimed, before every step), ratios taken per pair.
 """
 
 from __future__ import annotations
@@ -103,6 +106,69 @@ def _overlap_probe(rank: int, world: int, device, rows: int, hidden: int, matmul
         Path(out).write_text(json.dumps(result))
 
 
+def _interleaved(rank: int, world: int, device, spec: CaptureSpec, pairs: int, out: str) -> None:
+    """One run that alternates step by step (after a barrier, untimed) between
+    sequential and shortcut, then between profiler off and on (shortcut): both sides of each
+    ratio see the same machine load, however it drifts."""
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from traces.capture import build_workload
+
+    workload = build_workload(spec, rank, world, device)
+    ep = workload.model.expert_parallel
+
+    def timed_step() -> float:
+        workload.begin_step(measured=False)
+        dist.barrier()
+        start = time.perf_counter_ns()
+        workload.step()
+        return (time.perf_counter_ns() - start) / 1e3
+
+    for _ in range(spec.warmup):
+        timed_step()
+    times: dict[str, list[float]] = defaultdict(list)
+    for i in range(2 * pairs):
+        ep.schedule = ("sequential", "shortcut")[i % 2]
+        times[ep.schedule].append(timed_step())
+    ep.schedule = "shortcut"
+    # profiler cycle: off (wait), warming up (not timed), recording (active)
+    prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True,
+                   schedule=schedule(wait=1, warmup=1, active=1, repeat=pairs), on_trace_ready=lambda p: None)
+    prof.start()
+    for i in range(3 * pairs):
+        t = timed_step()
+        if i % 3 == 0:
+            times["profiler_off"].append(t)
+        elif i % 3 == 2:
+            times["profiler_on"].append(t)
+        prof.step()
+    prof.stop()
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, dict(times))
+    if rank == 0:
+        # a step lasts as long as its slowest rank
+        per_step = {k: [max(ts) for ts in zip(*(g[k] for g in gathered))] for k in gathered[0]}
+        Path(out).write_text(json.dumps(per_step))
+
+
+def interleaved(args: argparse.Namespace, pairs: int) -> dict[str, list[float]]:
+    from traces.capture import spawn_ranks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = CaptureSpec(out_dir=tmp, preset=args.preset, world_size=2, schedule="sequential", mode=args.mode,
+                           batch=args.batch, seq=args.seq, context=args.context, steps=1, warmup=args.warmup,
+                           threads=args.threads)
+        out = Path(tmp) / "interleaved.json"
+        spawn_ranks(_interleaved, 2, (spec, pairs, str(out)), backend="gloo", timeout_s=1800, status_dir=tmp,
+                    threads=args.threads)
+        return json.loads(out.read_text())
+
+
+def _pair_ratios(num: list[float], den: list[float]) -> list[float]:
+    return [a / b for a, b in zip(num, den)]
+
+
 def probe(rows: int, hidden: int, matmul_n: int, repeats: int = 15) -> dict:
     from traces.capture import spawn_ranks
 
@@ -126,8 +192,27 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--probe-only", action="store_true", help="only the gloo overlap probe")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="PAIRS",
+                        help="one run alternating the configurations step by step (robust to load drift)")
     args = parser.parse_args()
 
+    if args.interleaved:
+        load_before = _load()
+        steps = interleaved(args, args.interleaved)
+        print(f"interleaved, one run: preset {args.preset}, mode {args.mode}, batch {args.batch} x {args.seq}, "
+              f"{args.interleaved} pairs; load before {load_before}, after {_load()}")
+        for key, values in steps.items():
+            print(f"  {key:<13} median step {statistics.median(values) / 1e3:8.2f} ms   "
+                  f"(min {min(values) / 1e3:.2f}, max {max(values) / 1e3:.2f})")
+        sched = _pair_ratios(steps["shortcut"], steps["sequential"])
+        prof = _pair_ratios(steps["profiler_on"], steps["profiler_off"])
+        print(f"shortcut / sequential, median of per-pair ratios = {statistics.median(sched):.3f}")
+        print(f"profiled / unprofiled,  median of per-pair ratios = {statistics.median(prof):.3f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"steps_us": steps, "shortcut_over_sequential": statistics.median(sched),
+                                                   "profiler_overhead": statistics.median(prof),
+                                                   "load_before": load_before, "load_after": _load()}, indent=1))
+        return 0
     if args.probe_only:
         r = probe(args.batch // 2 * args.seq * 4, 256, 192)
         print(f"load {_load()}: {r}")
