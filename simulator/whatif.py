@@ -360,6 +360,7 @@ def summary_lines(m: dict) -> list[str]:
                      ("activated_params_mean", "activated/token  {:10.4g}"),
                      ("zero_expert_share", "zero-expert share{:10.3f}"),
                      ("moe_comm_share_pct", "MoE comm share   {:10.1f} % of all-to-all + expert time"),
+                     ("flops_saved_by_identity_experts_pct", "FLOPs saved by identity experts {:.1f} % of all-FFN top-k"),
                      ("expert_load_max_over_mean", "expert load max/mean {:6.2f}")]:
         if m.get(key) is not None:
             lines.append("  " + fmt.format(m[key]))

@@ -132,3 +132,17 @@ def test_routing_from_a_live_run_json(tmp_path):
     w = generate(arch, plan, np.random.default_rng(0))
     k = w.ffn_per_token
     assert set(np.unique(k)) <= {6, 12}
+
+
+def test_sequential_step_is_the_sum_of_its_ops(tmp_path):
+    """Sequential: every op waits for the previous one, so the step is bracketed by the sum of
+    one rank's op durations and the sum over op positions of the slowest rank's duration."""
+    plan = ParallelPlan(gpus=8, mode="decode", batch_per_gpu=4, context=512, schedule="sequential")
+    m = run_whatif("small", plan, "h800", tmp_path / "sim", write_traces=False)
+    ops = read_ops(tmp_path / "sim" / "ops.parquet")
+    ranks = ops.column("rank").to_numpy()
+    dur = ops.column("dur_us").to_numpy().reshape(8, -1)  # rows are rank-major, one template
+    assert (ranks.reshape(8, -1) == np.arange(8)[:, None]).all()
+    lo, hi = dur.sum(axis=1).max(), dur.max(axis=0).sum()
+    assert lo - 1e-6 <= m["step_time_us"] <= hi + 1e-6
+    assert m["overlap_pct_mean"] == pytest.approx(0.0, abs=1e-6)
