@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--k-std", type=float, default=3.0, help="their spread (std)")
     g.add_argument("--no-traces", action="store_true", help="skip the Kineto trace files (large at 1000+ GPUs)")
     g.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
+    g.add_argument("--target-tps-per-user", type=float, default=None,
+                   help="decode: search the largest --batch-per-gpu whose TPS/user reaches this, then run it")
 
 
 def _cluster_for(name: str, ranks: int, gpus: int | None, cores: int | None):

@@ -453,6 +453,39 @@ def routing_from_file(path: str | Path, arch: MoeArch, choice: str = "replay") -
     return spec
 
 
+def search_batch_for_tps(preset: str | MoeArch, plan: ParallelPlan, cluster_name: str, target_tps_per_user: float,
+                         *, max_batch: int = 512, **kw) -> tuple[int, dict, list[tuple[int, float]]]:
+    """The largest batch per GPU whose predicted TPS/user is ≥ the target (decode), by
+    bisection (TPS/user falls as the batch grows). Returns (batch, its metrics, the
+    (batch, TPS/user) points tried). Batch 1 (or 2 for TBO) when even that misses the target."""
+    import dataclasses
+
+    def at(b: int) -> dict:
+        return run_whatif(preset, dataclasses.replace(plan, batch_per_gpu=b), cluster_name, None,
+                          write_traces=False, **kw)
+
+    lo = 2 if plan.schedule == "tbo" else 1
+    tried: list[tuple[int, float]] = []
+    best = at(lo)
+    tried.append((lo, best["tps_per_user"]))
+    if best["tps_per_user"] < target_tps_per_user:
+        return lo, best, tried
+    hi = max_batch
+    top = at(hi)
+    tried.append((hi, top["tps_per_user"]))
+    if top["tps_per_user"] >= target_tps_per_user:
+        return hi, top, tried
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        m = at(mid)
+        tried.append((mid, m["tps_per_user"]))
+        if m["tps_per_user"] >= target_tps_per_user:
+            lo, best = mid, m
+        else:
+            hi = mid
+    return lo, best, tried
+
+
 def run_from_args(args) -> int:
     """The analytic branch of `moesim simulate`: build the plan, run, print, write SIMRUN."""
     import json
@@ -474,6 +507,13 @@ def run_from_args(args) -> int:
         mtp=args.mtp_accept is not None, mtp_accept=args.mtp_accept or 0.0, weight_bytes=args.weight_bytes,
         routing=routing,
     )
+    if getattr(args, "target_tps_per_user", None):
+        if plan.mode != "decode":
+            raise SimulationError("--target-tps-per-user applies to --mode decode")
+        batch, _, tried = search_batch_for_tps(arch, plan, args.cluster or "h800", args.target_tps_per_user,
+                                               seed=args.seed, price_per_gpu_hour=args.price_per_gpu_hour)
+        print("batch search (batch/GPU: TPS/user): " + ", ".join(f"{b}: {t:.1f}" for b, t in sorted(tried)))
+        plan.batch_per_gpu = batch
     metrics = run_whatif(arch, plan, args.cluster or "h800", args.out, seed=args.seed,
                          price_per_gpu_hour=args.price_per_gpu_hour, train_tokens=args.train_tokens,
                          write_traces=not args.no_traces)

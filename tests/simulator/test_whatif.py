@@ -146,3 +146,14 @@ def test_sequential_step_is_the_sum_of_its_ops(tmp_path):
     lo, hi = dur.sum(axis=1).max(), dur.max(axis=0).sum()
     assert lo - 1e-6 <= m["step_time_us"] <= hi + 1e-6
     assert m["overlap_pct_mean"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_batch_search_brackets_the_target():
+    from simulator.whatif import search_batch_for_tps
+
+    plan = ParallelPlan(gpus=8, mode="decode", batch_per_gpu=1, context=4096, schedule="sbo")
+    batch, m, tried = search_batch_for_tps("small", plan, "h800", 8000.0, max_batch=64)
+    tps = dict(tried)
+    assert m["tps_per_user"] >= 8000.0
+    assert all(t < 8000.0 for b, t in tps.items() if b > batch)  # every larger batch tried misses
+    assert batch + 1 in tps and batch < 64
