@@ -85,16 +85,33 @@ def test_traces_carry_rank_steps_labels_and_the_gloo_thread(prefill_run):
         assert gloo and all(e["tid"] != main_tid for e in gloo)
 
 
-def test_split_sizes_in_run_json_match_the_profiler_record(prefill_run):
-    run = read_run_json(prefill_run)
-    for rank, path in enumerate(trace_files(prefill_run)):
+SAMPLES = Path(__file__).resolve().parents[2] / "traces" / "samples"
+
+
+def _check_split_sizes(run_dir: Path, steps: int) -> None:
+    run = read_run_json(run_dir)
+    layers = run["config"]["num_layers"]
+    for rank, path in enumerate(trace_files(run_dir)):
         _, events = _events(path)
         calls = sorted((e for e in events if e["name"] == "c10d::alltoall_base_"), key=lambda e: e["ts"])
         # (counts exchange: no split sizes) then rows out (dispatch), rows back (combine)
         row_calls = [c for c in calls if c["args"]["Concrete Inputs"][4] not in ("", "[]")]
         dispatch_input_splits = [ast.literal_eval(c["args"]["Concrete Inputs"][4]) for c in row_calls[0::2]]
         assert dispatch_input_splits == run["dispatch_send_rows"][str(rank)]
-        assert len(dispatch_input_splits) == STEPS  # one MoE layer
+        assert len(dispatch_input_splits) == steps * layers
+
+
+def test_split_sizes_in_run_json_match_the_profiler_record(prefill_run):
+    _check_split_sizes(prefill_run, STEPS)
+
+
+@pytest.mark.parametrize("name", ["tiny-prefill-sequential", "tiny-prefill-shortcut"])
+def test_committed_samples_are_whole_and_consistent(name):
+    run_dir = SAMPLES / name
+    run = read_run_json(run_dir)
+    assert (run["source"], run["preset"], run["world_size"]) == ("live", "tiny", 2)
+    assert run["schedule"] == name.rsplit("-", 1)[1]
+    _check_split_sizes(run_dir, run["steps"])
 
 
 def _load_tensorboard_run(run_dir: Path):
