@@ -165,6 +165,12 @@ def interleaved(args: argparse.Namespace, pairs: int) -> dict[str, list[float]]:
         return json.loads(out.read_text())
 
 
+def _dispatch_rows_per_peer(args: argparse.Namespace) -> int:
+    """Rows one rank sends its peer per dispatch in `small`: ~8 FFN experts per token (run.json
+    routing), half of them on the other rank."""
+    return args.batch // 2 * args.seq * 8 // 2
+
+
 def _pair_ratios(num: list[float], den: list[float]) -> list[float]:
     return [a / b for a, b in zip(num, den)]
 
@@ -214,7 +220,7 @@ def main() -> int:
                                                    "load_before": load_before, "load_after": _load()}, indent=1))
         return 0
     if args.probe_only:
-        r = probe(args.batch // 2 * args.seq * 4, 256, 192)
+        r = probe(_dispatch_rows_per_peer(args), 256, 320)
         print(f"load {_load()}: {r}")
         return 0
     configs = [("sequential", True), ("shortcut", True), ("shortcut", False), ("sequential", False)]
@@ -256,8 +262,7 @@ def main() -> int:
         print("  " + f"{k:>16}" + " ".join(f"{breakdown[s].get(k, 0.0):16.0f}" for s in breakdown))
     # The overlap probe: an exchange the size of one dispatch of this run, against compute
     # of about the same length.
-    rows = args.batch // 2 * args.seq * 8 // 2  # ~8 FFN slots per token, half to the peer
-    result = probe(rows, 256, 192)
+    result = probe(_dispatch_rows_per_peer(args), 256, 320)
     serial = result["comm_us"] + result["compute_us"]
     print(f"\noverlap probe (2 gloo ranks, {result['bytes_per_peer'] / 1e6:.2f} MB per peer, load {_load()}): "
           f"all-to-all {result['comm_us']:.0f} us, compute {result['compute_us']:.0f} us, "
