@@ -365,7 +365,7 @@ def _check_model_fits(spec: CaptureSpec) -> None:
             f"--world-size {spec.world_size}: preset {spec.preset!r} has {n_experts} FFN experts, "
             "which must split evenly over the ranks"
         )
-    tokens = spec.context + spec.seq + (spec.warmup + spec.steps if spec.mode == "decode" else 0)
+    tokens = spec.context + spec.seq  # decode cuts its cache back to the context every step
     if tokens > config.max_position_embeddings:
         raise CaptureError(
             f"--seq/--context: {tokens} positions exceed max_position_embeddings "
