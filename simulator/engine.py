@@ -12,8 +12,8 @@ Model (../shared/DESIGN.md, "Simulator model"):
   of the group has reached it, runs its phases over the network (simulator/collectives.py,
   simulator/network.py) and ends on every rank at once. With `comm_from_trace` the transfer
   takes the shortest traced duration of its ops instead (the last rank to arrive waits least,
-  so that is the pure transfer time; each rank keeps its own traced tail after the last
-  arrival). Comm ops without a collective keep their duration.
+  so that is the pure transfer time; with `trace_tails` each rank keeps its own traced tail
+  after the last arrival). Comm ops without a collective keep their duration.
 - interference: on GPU clusters, while a comm op is in flight on a rank, compute ops of that
   rank whose duration came from a model (not measured) run at 1 - comm_compute_share speed;
   on CPU clusters, compute ops and in-flight transfers (one thread per rank) share `cores`
@@ -123,6 +123,7 @@ class Simulation:
         interference: bool = True,
         fuse: bool = True,
         unsized_from_trace: bool = False,
+        trace_tails: bool = False,
     ):
         self.ops = ops
         self.cluster = cluster
@@ -182,7 +183,8 @@ class Simulation:
         self.run_end = self._runs(fuse)
         self._tail_extra: dict[int, float] = {}
         self.unsized_from_trace = unsized_from_trace
-        if comm_from_trace or unsized_from_trace:
+        self.trace_tails = trace_tails
+        if trace_tails:
             self._trace_start = start[order].tolist()
             self._trace_end = (start + ops.column("dur_us").to_numpy())[order].tolist()
         self.coll_bytes = ops.column("coll_bytes").to_numpy()[order]
@@ -583,12 +585,18 @@ class Simulation:
         if unsized:
             self.stats.notes["unsized_collectives_from_trace"] = self.stats.notes.get("unsized_collectives_from_trace", 0) + 1
         if self.comm_from_trace or unsized:
-            # traced tail of each rank after the last arrival (its own end − last start); the
-            # collective releases everyone after the shortest tail, the others keep the rest
-            tails = {p: self._trace_end[p] - max(self._trace_start[q] for q in members) for p in members}
-            t = max(min(tails.values()), 0.0)
-            for p, tail in tails.items():
-                self._tail_extra[p] = max(tail, 0.0) - t
+            if self.trace_tails:
+                # each rank keeps its traced tail after the last arrival (own end − last start):
+                # the collective releases all after the shortest tail, the others keep the rest
+                last_start = max(self._trace_start[q] for q in members)
+                tails = {p: self._trace_end[p] - last_start for p in members}
+                t = max(min(tails.values()), 0.0)
+                for p, tail in tails.items():
+                    self._tail_extra[p] = max(tail, 0.0) - t
+            else:
+                # the shortest duration: the last rank to arrive waited least, so its duration
+                # is the transfer (also right when dur_us holds a predicted transfer time)
+                t = max(min(self.dur[p] for p in members), 0.0)
             if t > 0:
                 yield env.timeout(t)
         else:
@@ -681,6 +689,7 @@ def simulate(
     interference: bool = True,
     fuse: bool = True,
     unsized_from_trace: bool = False,
+    trace_tails: bool = False,
 ) -> pa.Table:
     """Simulate `ops` (a normalized trace table) on `cluster`; return it with simulated
     start_us / dur_us (same rows, same order). See the module docstring for the model.
@@ -689,6 +698,10 @@ def simulate(
     roofline_time_us). gap_us: per-op host delay after the op becomes ready (replay).
     unsized_from_trace: collectives whose ops carry no byte counts take their traced time
     (as with comm_from_trace) instead of the network model's latency-only answer.
+    trace_tails: with traced times (comm_from_trace / unsized_from_trace) each rank keeps its
+    own traced tail after the last arrival, so a live trace replays exactly (replay sets it);
+    without it every rank ends after the shortest duration of the collective's ops (what a
+    table whose comm dur_us holds predicted transfer times needs).
     """
     return Simulation(
         ops,
@@ -701,4 +714,5 @@ def simulate(
         interference=interference,
         fuse=fuse,
         unsized_from_trace=unsized_from_trace,
+        trace_tails=trace_tails,
     ).run()

@@ -109,6 +109,7 @@ def replay(
         flow_model=flow_model,
         gap_us=gaps,
         unsized_from_trace=unsized_from_trace,
+        trace_tails=True,
     )
     sim = engine.run()
     if notes is not None:

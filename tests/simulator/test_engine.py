@@ -202,3 +202,13 @@ def test_comm_kernel_without_collective_args_keeps_its_duration_and_slows_comput
     t = _by_id(simulate(ops.table(), c))
     assert t[1] == (0.0, 40.0)
     assert t[0][1] == pytest.approx(40.0 + (100.0 - 40.0 * (1 - share)))
+
+
+def test_comm_from_trace_without_tails_ends_every_rank_after_the_shortest_duration():
+    ops = Ops()
+    a = ops.add(0, "main", dur=10.0)
+    ops.add(0, "comm", "comm", coll="all_reduce", group="0,1", coll_bytes=1.0, seq=0, dur=7.0, deps=[a], start=1)
+    b = ops.add(1, "main", dur=30.0)
+    ops.add(1, "comm", "comm", coll="all_reduce", group="0,1", coll_bytes=1.0, seq=0, dur=7.0, deps=[b], start=1)
+    t = _by_id(simulate(ops.table(), star(2, 10, 1), comm_from_trace=True))
+    assert t[1] == (10.0, 27.0) and t[3] == (30.0, 7.0)  # both end at the last arrival + 7
