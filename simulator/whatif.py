@@ -456,14 +456,25 @@ def routing_from_file(path: str | Path, arch: MoeArch, choice: str = "replay") -
 def search_batch_for_tps(preset: str | MoeArch, plan: ParallelPlan, cluster_name: str, target_tps_per_user: float,
                          *, max_batch: int = 512, **kw) -> tuple[int, dict, list[tuple[int, float]]]:
     """The largest batch per GPU whose predicted TPS/user is ≥ the target (decode), by
-    bisection (TPS/user falls as the batch grows). Returns (batch, its metrics, the
-    (batch, TPS/user) points tried). Batch 1 (or 2 for TBO) when even that misses the target."""
+    bisection (TPS/user falls as the batch grows), up to `max_batch` and the largest batch
+    whose KV cache fits GPU memory. Returns (batch, its metrics, the (batch, TPS/user)
+    points tried). Batch 1 (or 2 for TBO) when even that misses the target."""
     import dataclasses
 
     def at(b: int) -> dict:
         return run_whatif(preset, dataclasses.replace(plan, batch_per_gpu=b), cluster_name, None,
                           write_traces=False, **kw)
 
+    from simulator.cluster import get_cluster
+
+    arch = get_arch(preset) if isinstance(preset, str) else preset
+    cluster = get_cluster(cluster_name, gpus=plan.gpus)
+    fixed = sum(v for k, v in memory_per_gpu_bytes(arch, dataclasses.replace(plan, batch_per_gpu=1)).items()
+                if k != "kv_cache")
+    per_user = memory_per_gpu_bytes(arch, dataclasses.replace(plan, batch_per_gpu=1)).get("kv_cache", 0.0)
+    avail = cluster.gpu.memory_bytes * (1 - ACTIVATION_RESERVE)
+    if per_user > 0:  # the largest batch whose KV cache still fits
+        max_batch = max(1, min(max_batch, int((avail - fixed) // per_user)))
     lo = 2 if plan.schedule == "tbo" else 1
     tried: list[tuple[int, float]] = []
     best = at(lo)
