@@ -1,6 +1,7 @@
 """Zero-computation budget control for the LongCat-Flash router.
 
-Three pieces, all pure tensor code (no model imports), used by `model/train.py`:
+Three pieces of plain tensor code (only model.moe's LayerRouting record is shared), used by
+`model/train.py`:
 
 1. `BiasController`: steers a router's `e_score_correction_bias` so that tokens use, on
    average, K_e FFN experts out of the K chosen, spread evenly over the N FFN experts.
@@ -67,21 +68,25 @@ class PidGains:
     integral_limit: float = 50.0  # anti-windup: |I_i| is clamped to this (relative units)
     integral_band: float = 0.10  # integral separation: I grows only while |mean_i ε_i| < this
     balance_gain: float = 1.0  # weight of the per-expert (differential) part of ε; 1 = plain e_i
+    error_clip: float = math.inf  # the imbalance part ε_i − ε̄ is clamped to ±this
 
 
-# Tuned on `tiny` training runs from a skewed start (README, "Measured figures"); in relative
-# units, so the same gains serve every preset. What the tuning showed (tiny, 150 steps, from
-# FFN bias −1/E): kp 0.1 with u = 1/E lagged the router's own drift towards zero experts for
-# 100+ steps; kp 0.5 with the gain-scheduled unit settles in ~30–90 steps. ki ≥ 0.02 (or a
-# wide integral band) slowed settling to 120+ steps with a slow ±7% oscillation, so ki is
-# small. kd > 0 (a proportional term on b) passes each step's count noise straight into the
-# bias: per-step expert load max/mean rose from ~1.3 to ~2.0 at kd 0.5, so kd defaults to 0
-# and stays a knob.
-# "p" is "pid" without its I and D terms, so comparing the two isolates what they add.
-# The plain report update (balance_gain 1, u = 1/E) is PidGains(kp=μ·K_e·E/(K·N), balance_gain=1).
+# Tuned on `tiny` and `small` training runs from a skewed start (README, "Measured figures"),
+# with the gain-scheduled units of `router_score_units`. What the tuning showed:
+# - units of 1/E with kp 0.1 lagged the router's own drift towards zero experts by 100+ steps
+#   on tiny; on small (near-uniform router) 1/E-sized steps made the bias alone decide the
+#   choice (8 FFN experts took every token). Token-spread units fixed tiny and made small's
+#   steps proportionate; small's per-expert balance still comes slowly (README).
+# - ki ≥ 0.02, or a wide integral band, slowed settling on tiny to 120+ steps with a slow ±7%
+#   oscillation; ki is small and integrates only within ±10% of the budget.
+# - kd > 0 (a proportional term on b) passes each step's count noise into the bias: per-step
+#   load max/mean rose from ~1.3 to ~2.0 at kd 0.5 on tiny; kd defaults to 0, still a knob.
+# - the imbalance part is clamped to ±1 (an overloaded expert's ε reaches 1 − N/K_e).
+# "p" is "pid" without its I and D terms, so comparing the two isolates what they add. The
+# report's plain update is PidGains(kp=μ·K_e·E/(K·N)) with the default units (1/E).
 DEFAULT_GAINS: dict[str, PidGains] = {
-    "p": PidGains(kp=0.5, balance_gain=0.3),
-    "pid": PidGains(kp=0.5, ki=0.005, kd=0.0, balance_gain=0.3),
+    "p": PidGains(kp=0.5, balance_gain=1.0, error_clip=1.0),
+    "pid": PidGains(kp=0.5, ki=0.005, kd=0.0, balance_gain=1.0, error_clip=1.0),
 }
 
 
@@ -91,18 +96,20 @@ class BiasController:
     Units. e_i (above) scales like 1/(K·N) and the bias acts on softmax scores that scale
     like 1/E, so the controller works on the relative error
         ε_i = e_i · K · N / K_e = 1 − T_i / (K_e · T_all / N)      (1 − load / target load)
-    and moves the bias in units u of the router's scores (u = 1/E, the uniform score, or
-    the gain-scheduled `router_score_unit`). ε splits into a common mode, the budget error
+    and moves the bias in units of the router's scores (1/E, the uniform score, or the
+    gain-scheduled units of `router_score_units`: u_b for the budget part, u_d for the
+    balance part). ε splits into a common mode, the budget error
     ε̄ = mean_j ε_j = (K_e − mean FFN experts per token)/K_e, and a differential part
     ε_i − ε̄, the imbalance between FFN experts. The differential part of one step's counts
     is far noisier (each expert sees ~T·K_e/N tokens, the budget all T·K_e), so it may be
     weighted down by s = balance_gain:
-        ε'_i(t) = ε̄(t) + s · (ε_i(t) − ε̄(t))                       (s = 1: ε'_i = ε_i)
+        ε'_i(t) = ε̄(t) + s · (u_d/u_b) · (ε_i(t) − ε̄(t))           (s = 1, u_d = u_b: ε'_i = ε_i)
     Per step t and FFN expert i:
         I_i(t)  = clamp(I_i(t−1) + ε'_i(t), ±integral_limit)  only while |ε̄(t)| < integral_band
-        Δb_i(t) = u · [ kp · ε'_i(t) + ki · I_i(t) + kd · (ε'_i(t) − ε'_i(t−1)) ]
-    With ki = kd = 0 and s = 1 this is exactly the report's update Δb_i = μ · e_i with
-    μ = kp · u · K · N / K_e. Zero-expert biases (indices N..E−1) are never touched.
+        Δb_i(t) = u_b · [ kp · ε'_i(t) + ki · I_i(t) + kd · (ε'_i(t) − ε'_i(t−1)) ]
+    With ki = kd = 0, s = 1 and the default units this is exactly the report's update
+    Δb_i = μ · e_i with μ = kp · K · N / (K_e · E). Zero-expert biases (indices N..E−1) are
+    never touched.
 
     Why the extra terms: b is the running sum of Δb, so the P term already integrates the
     error (a type-1 loop: no steady error against a constant offset). The router's own
@@ -137,12 +144,12 @@ class BiasController:
     @torch.no_grad()
     def step(
         self, bias_E: torch.Tensor, ffn_counts_N: torch.Tensor, n_tokens: int,
-        score_unit: float | None = None,
+        units: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Update bias_E[:N] in place from one step's FFN-expert token counts; returns Δb [N].
 
-        score_unit: the bias unit (default 1/E, the uniform score). `router_score_unit`
-        gives the gain-scheduled unit used in training.
+        units: (u_b, u_d), the bias units of the budget and balance parts (default 1/E
+        both, the uniform score); `router_score_units` gives the gain-scheduled ones.
         """
         if bias_E.numel() != self.n_ffn + self.n_zero:
             raise ConfigError(
@@ -152,14 +159,18 @@ class BiasController:
         g = self.gains
         raw_N = self.relative_error(ffn_counts_N.cpu(), n_tokens)
         budget = raw_N.mean()
-        eps_N = budget + g.balance_gain * (raw_N - budget)
+        # ε_i ≤ 1 but an overloaded expert can reach 1 − N/K_e: clamp the imbalance part to
+        # ±error_clip so a hot expert is not cut by N/K_e times the step an idle one gets
+        imbalance_N = (raw_N - budget).clamp(-g.error_clip, g.error_clip)
+        uniform = 1.0 / (self.n_ffn + self.n_zero)
+        u_b, u_d = (uniform, uniform) if units is None else (float(units[0]), float(units[1]))
+        eps_N = budget + g.balance_gain * (u_d / u_b) * imbalance_N  # in units of u_b
         lim = g.integral_limit
         if abs(float(budget)) < g.integral_band:
             self.integral_N = (self.integral_N + eps_N).clamp(-lim, lim)
         d_eps_N = eps_N - self.prev_error_N if self.prev_error_N is not None else torch.zeros_like(eps_N)
         self.prev_error_N = eps_N
-        unit = 1.0 / (self.n_ffn + self.n_zero) if score_unit is None else float(score_unit)
-        delta_N = (g.kp * eps_N + g.ki * self.integral_N + g.kd * d_eps_N) * unit
+        delta_N = (g.kp * eps_N + g.ki * self.integral_N + g.kd * d_eps_N) * u_b
         bias_E[: self.n_ffn] += delta_N.to(bias_E.dtype).to(bias_E.device)
         return delta_N
 
@@ -179,16 +190,23 @@ class BiasController:
         self.prev_error_N = None if prev is None else prev.clone()
 
 
-def router_score_unit(scores_TE: torch.Tensor) -> float:
-    """Bias unit for a router in its current state: the mean top-1 softmax score.
+def router_score_units(scores_TE: torch.Tensor, n_ffn: int) -> tuple[float, float]:
+    """Bias units (u_b, u_d) for a router in its current state (gain scheduling).
 
-    A bias has to overcome the score margins at the top-k boundary, and those scale with
-    how peaked the router is: ≈ 1/E for a fresh router, up to ≈ 1 for a confident one
-    (a trained router that sends most mass to one identity expert). Scaling the step by
-    the top-1 score keeps the loop gain roughly constant as the router sharpens (gain
-    scheduling); for a uniform router it equals the default 1/E.
+    A bias step on expert i changes the choice of the tokens whose score for i lies within
+    that step of the top-k boundary, so the loop gain is (bias step) / (spread of expert
+    i's score over tokens). Measuring steps in that spread keeps the gain steady as the
+    router goes from nearly uniform (fresh) to peaked (trained):
+        u_b = mean over all E experts of the std over tokens of s_{t,i}   (budget part)
+        u_d = the same over the N FFN experts                            (balance part)
+    Why across tokens and not across experts: a fresh router ranks experts almost the same
+    way for every token (hidden states share a large common direction), so the spread
+    across experts is mostly a per-expert offset that the bias must cancel, not a margin.
+    Measured on `small` from a skewed start: with steps in units of 1/E, or of the
+    per-token spread across experts, 8 FFN experts took every token (load max/mean 8).
     """
-    return float(scores_TE.detach().max(dim=-1).values.mean())
+    s = scores_TE.detach().float()
+    return float(s.std(dim=0).mean()), float(s[:, :n_ffn].std(dim=0).mean())
 
 
 def check_target(target_ffn_experts: float, top_k: int, n_ffn: int) -> None:

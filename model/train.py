@@ -29,7 +29,7 @@ from typing import Callable, Literal
 import torch
 
 from model.balance import (
-    DEFAULT_GAINS, BiasController, PidGains, check_target, device_balance_loss, make_controller, router_score_unit,
+    DEFAULT_GAINS, BiasController, PidGains, check_target, device_balance_loss, make_controller, router_score_units,
     overshoot_pct, settle_step, step_routing_stats,
 )
 from model.config import ConfigError, LongcatConfig
@@ -56,10 +56,10 @@ class TrainConfig:
     kp: float | None = None  # gains override the controller's defaults (model/balance.py)
     ki: float | None = None
     kd: float | None = None
-    score_unit: Literal["top1", "uniform"] = "top1"  # bias step unit (model/balance.py)
+    score_unit: Literal["scaled", "uniform"] = "scaled"  # bias units: router_score_units or 1/E
     integral_band: float | None = None
     balance_gain: float | None = None
-    balance_loss: float = 0.0  # coefficient of the device-level balance loss
+    balance_loss: float = 0.1  # coefficient of the device-level balance loss (0 = off)
     ep_devices: int | None = None  # D groups of FFN experts; None: gcd(N, 8)
     seed: int = 0
     data: DataKind = "text"
@@ -118,7 +118,7 @@ class TrainConfig:
             kp=base.kp if self.kp is None else self.kp,
             ki=base.ki if self.ki is None else self.ki,
             kd=base.kd if self.kd is None else self.kd,
-            integral_limit=base.integral_limit, balance_gain=base.balance_gain if self.balance_gain is None else self.balance_gain,
+            integral_limit=base.integral_limit, error_clip=base.error_clip, balance_gain=base.balance_gain if self.balance_gain is None else self.balance_gain,
             integral_band=base.integral_band if self.integral_band is None else self.integral_band,
         )
 
@@ -236,10 +236,10 @@ def train(
         optimizer.step()
         schedule.step()
         for router, routing, ctl in zip(routers, out.routing, controllers):
-            unit = router_score_unit(router.last_scores_TE) if cfg.score_unit == "top1" else None
+            units = router_score_units(router.last_scores_TE, n_ffn) if cfg.score_unit == "scaled" else None
             router.last_scores_TE = router.last_logits_TE = None  # free the graph
             if ctl is not None:
-                ctl.step(router.e_score_correction_bias, routing.tokens_per_expert[:n_ffn], batch.numel(), unit)
+                ctl.step(router.e_score_correction_bias, routing.tokens_per_expert[:n_ffn], batch.numel(), units)
         if step >= int(cfg.steps * 0.8):
             tail_counts_LN += torch.stack([r.tokens_per_expert[:n_ffn] for r in out.routing])
         stats = step_routing_stats(out.routing, n_devices, params_for)

@@ -14,7 +14,7 @@ import torch
 
 from model.balance import (
     BiasController, PidGains, budget_error, device_balance_loss, layer_routing, make_controller,
-    overshoot_pct, routing_stats, settle_step, step_routing_stats,
+    overshoot_pct, router_score_units, routing_stats, settle_step, step_routing_stats,
 )
 from model.config import ConfigError, LongcatConfig
 from model.counting import activated_params
@@ -84,7 +84,8 @@ def test_target_outside_range_and_unknown_controller_are_config_errors() -> None
 def simulate(kind: str, steps: int = 200, drift: float = 0.0, seed: int = 0,
              N: int = 8, Z: int = 4, K: int = 4, Ke: float = 2.5, T: int = 1024):
     """Fixed per-expert preferences + per-token noise, top-k on scores + bias; FFN biases
-    start 1/E below zero (zero experts win). drift: per-step ramp of the preferences."""
+    start 1/E below zero (zero experts win). drift: per-step ramp of the preferences.
+    The controller gets the gain-scheduled units, as in training."""
     gen = torch.Generator().manual_seed(seed)
     E = N + Z
     prefer_E = torch.randn(E, generator=gen) * 0.3
@@ -101,7 +102,7 @@ def simulate(kind: str, steps: int = 200, drift: float = 0.0, seed: int = 0,
         ffn.append(stats["ffn_experts_per_token"])
         loads.append(stats["load_max_over_mean"])
         if ctl is not None:
-            ctl.step(bias, routing.tokens_per_expert[:N], T)
+            ctl.step(bias, routing.tokens_per_expert[:N], T, router_score_units(scores, N))
     return ffn, loads, bias
 
 
