@@ -135,7 +135,7 @@ _meta = st.fixed_dictionaries({}, optional={"distributedInfo": _json, "baseTimeN
 @given(events=_events, meta=_meta)
 def test_fuzzed_events_raise_only_trace_error(tmp_path, events, meta):
     path = tmp_path / "rank0.pt.trace.json"
-    path.write_bytes(orjson.dumps({"traceEvents": events, **meta}, option=orjson.OPT_NON_STR_KEYS) if True else b"")
+    path.write_bytes(orjson.dumps({"traceEvents": events, **meta}, option=orjson.OPT_NON_STR_KEYS))
     try:
         parse_traces([path])
     except TraceError:
