@@ -52,6 +52,7 @@ SECOND_REFERENCE_SIZE = (8, 96)  # the second point of the two-point per-op fits
 SIZES = ((4, 32), (4, 128), (8, 64))  # matrix sizes: other batch and sequence lengths
 QUICK_SIZES = ((4, 32), (8, 64))
 SYNC_NAME_PREFIXES = ("_ExchangeWait", "_ExchangeStart", "c10d::", "record_param_comms")
+_EXCHANGE_BACKWARD = "evaluate_function: _Exchange"  # autograd nodes running the transposed exchange
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ def mark_sync(ops: pa.Table) -> pa.Table:
     """Ops that only issue or wait for collectives → kind "sync" (see module docstring)."""
     names = ops.column("name").to_pylist()
     kinds = ops.column("kind").to_pylist()
-    new = ["sync" if k in ("compute", "host") and n.startswith(SYNC_NAME_PREFIXES) else k for n, k in zip(names, kinds)]
+    new = ["sync" if k in ("compute", "host") and (n.startswith(SYNC_NAME_PREFIXES) or _EXCHANGE_BACKWARD in n) else k
+           for n, k in zip(names, kinds)]
     return ops.set_column(ops.schema.get_field_index("kind"), "kind", pa.array(new, type=pa.string()))
 
 
