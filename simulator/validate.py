@@ -75,10 +75,15 @@ class LiveConfig:
 def matrix(quick: bool = False) -> list[LiveConfig]:
     """Full: world size 1, 2 × prefill, train × both schedules × 3 sizes (24 configs).
     Quick: world size 2 prefill, both schedules × 2 sizes (4 configs)."""
+    # the two schedules of a size run back to back, in alternating order, so a drift in the
+    # machine's load does not always favour the same schedule
+    def both(k: int) -> tuple[str, str]:
+        return ("sequential", "shortcut") if k % 2 == 0 else ("shortcut", "sequential")
+
     if quick:
-        return [LiveConfig(2, "prefill", s, b, t) for b, t in QUICK_SIZES for s in ("sequential", "shortcut")]
-    return [LiveConfig(w, m, s, b, t) for w in (1, 2) for m in ("prefill", "train") for b, t in SIZES
-            for s in ("sequential", "shortcut")]
+        return [LiveConfig(2, "prefill", s, b, t) for k, (b, t) in enumerate(QUICK_SIZES) for s in both(k)]
+    return [LiveConfig(w, m, s, b, t) for w in (1, 2) for m in ("prefill", "train") for k, (b, t) in enumerate(SIZES)
+            for s in both(k)]
 
 
 def reference_of(cfg: LiveConfig, second: bool = False) -> LiveConfig:
