@@ -106,8 +106,9 @@ class ParallelPlan:
             bad(f"ep {ep} does not divide the {arch.n_routed_experts} FFN experts of {arch.name}")
         if stage % self.tp:
             bad(f"tp {self.tp} does not divide the {stage} GPUs of a stage")
-        if self.schedule == "tbo" and self.mode != "train" and self.batch_per_gpu < 2:
+        if self.schedule == "tbo" and self.mode == "decode" and self.batch_per_gpu < 2:
             bad("tbo splits the batch in two micro-batches: batch_per_gpu must be >= 2")
+        # (prefill TBO with one sequence splits its tokens: half the tokens, half the pairs each)
         if self.mode == "train" and self.batch_per_gpu % self.n_micro:
             bad(f"batch_per_gpu {self.batch_per_gpu} not divisible by {self.n_micro} micro-batches")
         if not 0.0 <= self.mtp_accept <= 1.0:
