@@ -76,6 +76,7 @@ class ParallelPlan:
     # where the GPU has FP8, else 2 (whatif resolves it from the cluster; generate() alone: 1)
     combine_bytes: float = 2.0  # BF16 combine
     routing: RoutingSpec = field(default_factory=RoutingSpec)
+    ep_experts: int = 0  # set by validate(): the model's FFN expert count (caps the default EP)
 
     def validate(self, arch: MoeArch) -> None:
         """Raise SimulationError naming the field when the plan cannot run `arch`."""
@@ -117,8 +118,6 @@ class ParallelPlan:
             bad("mtp applies to decode only")
         if self.mtp and arch.mtp_layers < 1:
             bad(f"{arch.name} has no MTP module")
-
-    ep_experts: int = 0  # set by validate(): the model's FFN expert count (for the default EP)
 
     @property
     def ep_size(self) -> int:
