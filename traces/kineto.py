@@ -63,9 +63,9 @@ class TraceFile:
     ts_us: np.ndarray  # (N,) float64, as written (see base_ns)
     dur_us: np.ndarray  # (N,) float64
     corr: np.ndarray  # (N,) int64 args.correlation, -1 when absent
-    device: np.ndarray  # (N,) int64 args.device, else the pid when it is a number, else 0
-    stream: np.ndarray  # (N,) int64 args.stream, else the tid when it is a number, else 0
-    nbytes: np.ndarray  # (N,) float64 args.bytes (memcpy / memset), else 0
+    device: np.ndarray  # (N,) int64 GPU events: args.device, else the pid if a number, else 0
+    stream: np.ndarray  # (N,) int64 GPU events: args.stream, else the tid if a number, else 0
+    nbytes: np.ndarray  # (N,) float64 GPU events: args.bytes (memcpy / memset), else 0
     args: list  # (N,) the args dict where later steps need more than the columns, else None
     base_ns: int = 0  # baseTimeNanoseconds, 0 when ts is absolute
     n_events: int = 0  # len(traceEvents)
@@ -248,7 +248,7 @@ def _columns(events: list) -> dict:
     cats = CATEGORIES
     cat = np.array([cats.get(e.get("cat"), -1) for e in timed], dtype=np.int8)
     keep = np.flatnonzero(cat >= 0)
-    kept = [timed[i] for i in keep]
+    kept = [timed[i] for i in keep.tolist()]
     cat = cat[keep]
     names = [e.get("name") for e in kept]
     if not all(n.__class__ is str for n in names):
@@ -258,11 +258,19 @@ def _columns(events: list) -> dict:
     args = [e.get("args") for e in kept]
     args = [a if a.__class__ is dict else None for a in args]
     empty: dict = {}
-    corr = [_as_int((a or empty).get("correlation"), -1) for a in args]
-    device = [_as_int((a or empty).get("device"), _as_int(t[0], 0)) for a, t in zip(args, threads)]
-    stream = [_as_int((a or empty).get("stream"), _as_int(t[1], 0)) for a, t in zip(args, threads)]
-    nbytes = [(a or empty).get("bytes", 0) for a in args]
-    nbytes = [b if b.__class__ in (int, float) and b >= 0 else 0 for b in nbytes]
+    n = len(kept)
+    corr = np.full(n, -1, dtype=np.int64)
+    device = np.zeros(n, dtype=np.int64)
+    stream = np.zeros(n, dtype=np.int64)
+    nbytes = np.zeros(n, dtype=np.float64)
+    # per-category extraction: only the events that use a field pay for it
+    gpu = np.flatnonzero(cat <= MEMSET).tolist()  # kernel, memcpy, memset
+    linked = np.flatnonzero((cat <= MEMSET) | (cat == RUNTIME) | (cat == DRIVER) | (cat == CUDA_SYNC)).tolist()
+    corr[linked] = [_as_int((args[i] or empty).get("correlation"), -1) for i in linked]
+    device[gpu] = [_as_int((args[i] or empty).get("device"), _as_int(threads[i][0], 0)) for i in gpu]
+    stream[gpu] = [_as_int((args[i] or empty).get("stream"), _as_int(threads[i][1], 0)) for i in gpu]
+    moved = [(args[i] or empty).get("bytes", 0) for i in gpu]
+    nbytes[gpu] = [b if b.__class__ in (int, float) and 0 <= b < 1e300 else 0 for b in moved]
     cat_list = cat.tolist()
     return {
         "cat": cat,
@@ -270,10 +278,10 @@ def _columns(events: list) -> dict:
         "threads": threads,
         "ts": ts[keep],
         "dur": dur[keep],
-        "corr": np.array(corr, dtype=np.int64),
-        "device": np.array(device, dtype=np.int64),
-        "stream": np.array(stream, dtype=np.int64),
-        "nbytes": np.array(nbytes, dtype=np.float64),
+        "corr": corr,
+        "device": device,
+        "stream": stream,
+        "nbytes": nbytes,
         "args": [a if _keep_args(c, n, a) else None for c, n, a in zip(cat_list, names, args)],
         "n_events": len(events),
     }
