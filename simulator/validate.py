@@ -248,8 +248,11 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    refs: dict[tuple[int, str], Reference] = {}
-    ref_rows = []
+    ref_rows: list[dict] = []
+    rows: list[dict] = []
+    # Group by (world size, mode): references first, then that group's configs, so the live
+    # runs compared with a reference are minutes apart, not the whole matrix apart (the
+    # shared machine's speed drifts by 2x within half an hour).
     for key in sorted({(c.world_size, c.mode) for c in configs}):
         rcfg = reference_of(LiveConfig(key[0], key[1], "sequential", 0, 0))
         rcfg_b = reference_of(rcfg, second=True)
@@ -258,7 +261,6 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
         ref = build_reference(rcfg, runs / f"ref-{rcfg.name}", compute_model, run["step_time_us_median"],
                               (rcfg_b, runs / f"ref-{rcfg_b.name}"))
         replay_us, _ = simulate_steps(ref.graphs, comm_model, cores)
-        refs[key] = ref
         for c, r in ((rcfg, run), (rcfg_b, run_b)):
             ref_rows.append({"name": c.name, "run_dir": str(runs / f"ref-{c.name}"),
                              "measured_step_us": r["step_time_us_median"], "load_1min": r["load_1min"]})
@@ -267,36 +269,40 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
         log(f"reference {rcfg.name}: measured {run['step_time_us_median'] / 1e3:.1f} ms, "
             f"replayed {replay_us / 1e3:.1f} ms (load {run['load_1min']}); second point {rcfg_b.name}: "
             f"{run_b['step_time_us_median'] / 1e3:.1f} ms" + (f"; two-point fit failed: {ref.scaling_error}" if ref.scaling_error else ""))
-    rows = []
-    for cfg in configs:
-        ref = refs[(cfg.world_size, cfg.mode)]
-        pred_us, pred_ov = simulate_steps(predict_graphs(ref, cfg, "two-point"), comm_model, cores)
-        one_us, one_ov = simulate_steps(predict_graphs(ref, cfg, "one-trace"), comm_model, cores)
-        run_dir = runs / cfg.name
-        run = capture_live(cfg, run_dir, steps, warmup)
-        meas_us = run["step_time_us_median"]
-        meas_ov = measured_overlap_pct(live_ops(run_dir))
-        per_step = [max(ts) for ts in zip(*run["step_times_us"].values())]
-        row = {
-            "name": cfg.name, "predicted_step_us": pred_us, "measured_step_us": meas_us,
-            "error_pct": _err(pred_us, meas_us), "predicted_overlap_pct": pred_ov, "measured_overlap_pct": meas_ov,
-            **asdict(cfg), "reference": reference_of(cfg).name,
-            "measured_step_us_min": min(per_step), "measured_step_us_max": max(per_step),
-            "load_1min": run["load_1min"],
-            "method": "two-point" if ref.scaling is not None else "one-trace",
-            "predicted_step_us_one_trace": one_us, "error_pct_one_trace": _err(one_us, meas_us),
-            "predicted_overlap_pct_one_trace": one_ov,
-        }
-        rows.append(row)
-        log(f"{cfg.name:<34} predicted {pred_us / 1e3:8.1f} ms  measured {meas_us / 1e3:8.1f} ms  "
-            f"error {row['error_pct']:+6.1f}% (one trace {row['error_pct_one_trace']:+6.1f}%)  "
-            f"overlap {_fmt(pred_ov)} / {_fmt(meas_ov)}  (load {run['load_1min']})")
+        for cfg in (c for c in configs if (c.world_size, c.mode) == key):
+            rows.append(_predict_and_measure(cfg, ref, comm_model, cores, runs, steps, warmup, log))
     result = summarise(rows)
     result.update({"references": ref_rows, "calibration": str(calibration), "quick": quick, "preset": PRESET,
                    "steps": steps, "warmup": warmup, "cores": cores, "wall_s": round(time.time() - t0, 1)})
     write_json_atomic(out / VALIDATION_JSON, result)
     write_table(out / "validation.md", result)
     return result
+
+
+def _predict_and_measure(cfg: LiveConfig, ref: Reference, comm_model: CommModel, cores: int, runs: Path,
+                         steps: int, warmup: int, log) -> dict:
+    """Predict `cfg` from `ref` (before it runs), run it live, compare: one validation row."""
+    pred_us, pred_ov = simulate_steps(predict_graphs(ref, cfg, "two-point"), comm_model, cores)
+    one_us, one_ov = simulate_steps(predict_graphs(ref, cfg, "one-trace"), comm_model, cores)
+    run_dir = runs / cfg.name
+    run = capture_live(cfg, run_dir, steps, warmup)
+    meas_us = run["step_time_us_median"]
+    meas_ov = measured_overlap_pct(live_ops(run_dir))
+    per_step = [max(ts) for ts in zip(*run["step_times_us"].values())]
+    row = {
+        "name": cfg.name, "predicted_step_us": pred_us, "measured_step_us": meas_us,
+        "error_pct": _err(pred_us, meas_us), "predicted_overlap_pct": pred_ov, "measured_overlap_pct": meas_ov,
+        **asdict(cfg), "reference": reference_of(cfg).name,
+        "measured_step_us_min": min(per_step), "measured_step_us_max": max(per_step),
+        "load_1min": run["load_1min"],
+        "method": "two-point" if ref.scaling is not None else "one-trace",
+        "predicted_step_us_one_trace": one_us, "error_pct_one_trace": _err(one_us, meas_us),
+        "predicted_overlap_pct_one_trace": one_ov,
+    }
+    log(f"{cfg.name:<34} predicted {pred_us / 1e3:8.1f} ms  measured {meas_us / 1e3:8.1f} ms  "
+        f"error {row['error_pct']:+6.1f}% (one trace {row['error_pct_one_trace']:+6.1f}%)  "
+        f"overlap {_fmt(pred_ov)} / {_fmt(meas_ov)}  (load {run['load_1min']})")
+    return row
 
 
 def _fmt(x: float | None) -> str:
