@@ -93,12 +93,15 @@ def intersection_length(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, n
 # dependency windows
 
 
-def _vector_clocks(lane_idx: np.ndarray, pos: np.ndarray, preds: list[list[int]], n_lanes: int) -> tuple[np.ndarray, np.ndarray]:
+def _vector_clocks(
+    lane_idx: np.ndarray, pos: np.ndarray, preds: list[list[int]], n_lanes: int, start_us: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-lane ancestry bounds for the ops of one rank.
 
     Args:
         lane_idx: (N,) lane of each op (0..n_lanes-1); pos: (N,) position on its lane.
         preds: for each op, the local indices it depends on (lane predecessor included).
+        start_us: (N,) start times (only to break a cycle, should deps close one).
     Returns:
         anc (N, L): highest lane position on each lane that is an ancestor-or-self (-1 none)
         desc (N, L): lowest lane position on each lane that is a descendant-or-self
@@ -111,19 +114,28 @@ def _vector_clocks(lane_idx: np.ndarray, pos: np.ndarray, preds: list[list[int]]
         indeg[i] = len(ps)
         for p in ps:
             succs[p].append(i)
-    # Kahn's topological order; a cycle (impossible in a real schedule) is an error.
+    # Kahn's topological order. A real schedule has no cycle, but deps inferred from a
+    # trace are heuristics (which wait waited for which collective): should they close a
+    # cycle, the earliest-starting blocked op goes next with its open deps ignored.
     order = []
     ready = list(np.flatnonzero(indeg == 0))
-    indeg = indeg.copy()
-    while ready:
+    done = np.zeros(n, dtype=bool)
+    by_start = np.argsort(start_us, kind="stable")
+    cursor = 0
+    while len(order) < n:
+        if not ready:
+            while done[by_start[cursor]]:
+                cursor += 1
+            ready.append(int(by_start[cursor]))
         i = ready.pop()
+        if done[i]:
+            continue
+        done[i] = True
         order.append(i)
         for j in succs[i]:
             indeg[j] -= 1
-            if indeg[j] == 0:
+            if indeg[j] == 0 and not done[j]:
                 ready.append(j)
-    if len(order) != n:
-        raise TraceError("normalized trace: dependency cycle among ops (deps + lane order)")
     lane_len = np.bincount(lane_idx, minlength=n_lanes)
     anc = np.full((n, n_lanes), -1, dtype=np.int64)
     for i in order:
@@ -161,7 +173,7 @@ def _label_windows(rank_ops: dict[str, np.ndarray], deps: list[list[int]]) -> di
             j = local_of_id.get(int(d))
             if j is not None and j != k:  # deps on other ranks are rendezvous, not ancestry
                 preds[k].append(j)
-    anc, desc = _vector_clocks(lane_idx, pos, preds, n_lanes)
+    anc, desc = _vector_clocks(lane_idx, pos, preds, n_lanes, rank_ops["start_us"])
     # prefix sums of compute duration along each lane
     is_compute = rank_ops["kind_code"] == _KIND_CODE["compute"]
     compute_prefix = []

@@ -122,3 +122,13 @@ def test_rank_without_comm_has_no_overlap_figure():
     assert m["ranks"]["0"]["overlap_pct"] is None
     assert m["overlap_pct_mean"] is None
     assert m["labels"] == []
+
+
+def test_a_dependency_cycle_from_bad_heuristics_does_not_stop_the_metrics():
+    rows = [
+        (0, "cpu:main", "compute", 0, 10, "L0/attn0", -1),
+        (0, "cpu:gloo", "comm", 5, 10, "L0/dispatch", -1),
+    ]
+    m = compute_metrics(_table(rows, deps=[[1], [0]]))  # each waits for the other
+    assert m["ranks"]["0"]["hidden_comm_us"] == pytest.approx(5.0)
+    assert m["labels"][0]["window_us"] >= 0
