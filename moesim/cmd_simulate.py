@@ -36,10 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("analytic what-if (--preset)")
     g.add_argument("--preset", default=None, help="model: a LongCat preset (longcat-flash, small, tiny) or a baseline "
                    "(deepseek-v3, qwen3-235b-a22b, kimi-k2, scmoe-gpt)")
-    g.add_argument("--mode", choices=["prefill", "decode", "train"], default="decode")
+    g.add_argument("--mode", choices=["prefill", "decode", "train"], default="decode",
+                   help="step simulated: prefill, decode (one token per sequence) or a training step (default: %(default)s)")
     g.add_argument("--context", type=int, default=4096, help="decode: cached tokens per sequence; prefill/train: sequence length")
     g.add_argument("--batch-per-gpu", type=int, default=8, help="decode: concurrent sequences per GPU; prefill/train: sequences per GPU per step")
-    g.add_argument("--schedule", choices=["sequential", "tbo", "sbo"], default="sbo")
+    g.add_argument("--schedule", choices=["sequential", "tbo", "sbo"], default="sbo",
+                   help="sequential (no overlap), tbo (two micro-batches, DeepSeek-V3 style) or sbo "
+                        "(LongCat-Flash single batch overlap) (default: %(default)s)")
     g.add_argument("--layout", choices=["shortcut", "conventional"], default=None, help="override the model's MoE layout")
     g.add_argument("--mtp-accept", type=float, default=None, help="decode with one MTP draft token accepted at this rate")
     g.add_argument("--price-per-gpu-hour", type=float, default=2.0, help="USD, for $/M output tokens")
@@ -50,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batches", type=int, default=0, help="training micro-batches per step (default 2 x pp)")
     g.add_argument("--weight-bytes", type=float, default=2.0, help="bytes per weight (2 = BF16, 1 = FP8)")
     g.add_argument("--routing", choices=["uniform", "zipf", "replay"], default="uniform", help="expert choice")
-    g.add_argument("--zipf-s", type=float, default=1.0)
+    g.add_argument("--zipf-s", type=float, default=1.0,
+                   help="--routing zipf: exponent of the expert popularity skew (default: %(default)s)")
     g.add_argument("--routing-record", default=None, help="routing record JSON or moesim train log (train_log.csv)")
     g.add_argument("--k-mean", type=float, default=8.0, help="mean FFN experts per token (zero-expert models)")
     g.add_argument("--k-std", type=float, default=3.0, help="their spread (std)")
