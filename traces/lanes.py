@@ -11,8 +11,11 @@ Lanes (ops on a lane never overlap and run in start order):
 A CPU lane holds the *top-level* events of its thread (cpu_op, cuda_runtime, cuda_driver and
 comm annotations; nested ops are never counted twice), cut into pieces at the nested CUDA
 runtime calls so that each launch / synchronize call is its own op: a top-level `aten::mm`
-that calls cudaLaunchKernel becomes `aten::mm` | `cudaLaunchKernel` | `aten::mm`. The
-pieces cover exactly the top-level time. user_annotation ranges are not ops: `L{n}/{block}`
+that calls cudaLaunchKernel becomes `aten::mm` | `cudaLaunchKernel` | `aten::mm`. On a
+CPU-only rank nested c10d issue calls and `...wait` ops are cut out the same way (an
+autograd Function `_ExchangeStart` that calls `c10d::alltoall_base_` becomes
+`_ExchangeStart` | `c10d::alltoall_base_` | `_ExchangeStart`, kinds host | host | host).
+The pieces cover exactly the top-level time. user_annotation ranges are not ops: `L{n}/{block}`
 ranges give labels, `ProfilerStep#N` gives the step, others are kept as labels when no
 `L...` range encloses the op.
 
