@@ -161,7 +161,9 @@ class BiasController:
         budget = raw_N.mean()
         # ε_i ≤ 1 but an overloaded expert can reach 1 − N/K_e: clamp the imbalance part to
         # ±error_clip so a hot expert is not cut by N/K_e times the step an idle one gets
+        # (re-centred after clamping, so the clamp never leaks into the budget part)
         imbalance_N = (raw_N - budget).clamp(-g.error_clip, g.error_clip)
+        imbalance_N -= imbalance_N.mean()
         uniform = 1.0 / (self.n_ffn + self.n_zero)
         u_b, u_d = (uniform, uniform) if units is None else (float(units[0]), float(units[1]))
         eps_N = budget + g.balance_gain * (u_d / u_b) * imbalance_N  # in units of u_b
