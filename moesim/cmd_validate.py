@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="warmup steps per live run (default 2)")
     parser.add_argument("--merge", nargs="+", metavar="VAL_PART", default=None,
                         help="run nothing: combine these validation dirs (matrix subsets) into -o VAL")
+    parser.add_argument("--repredict", action="store_true",
+                        help="run nothing live: predict again from the runs in VAL/runs and rewrite VAL/validation.json")
     parser.add_argument("--modes", default="prefill,train", help="subset of the matrix: comma-separated modes (default prefill,train)")
     parser.add_argument("--world-sizes", default="1,2", help="subset of the matrix: comma-separated world sizes (default 1,2)")
 
@@ -31,6 +33,14 @@ def run(args: argparse.Namespace) -> int:
         from simulator.validate import merge
 
         result = merge(args.merge, args.out)
+        _print_summary(result, args.out)
+        return 0
+    if args.repredict:
+        from simulator.validate import repredict
+
+        if args.calibration is None:
+            raise UsageError("--repredict needs --calibration CAL")
+        result = repredict(args.out, args.calibration)
         _print_summary(result, args.out)
         return 0
     if args.steps < 1 or args.warmup < 0:
@@ -65,6 +75,9 @@ def _print_summary(result: dict, out: str) -> None:
     if result.get("median_abs_error_pct_one_trace") is not None:
         print(f"one trace + cost model: median |error| {result['median_abs_error_pct_one_trace']:.1f}%   "
               f"max {result['max_abs_error_pct_one_trace']:.1f}%")
+    if result.get("median_abs_error_pct_fastest") is not None:
+        print(f"fastest step (least contended) predicted vs measured: median |error| "
+              f"{result['median_abs_error_pct_fastest']:.1f}%   max {result['max_abs_error_pct_fastest']:.1f}%")
     if result["overlap_max_abs_diff_pts"] is not None:
         print(f"overlap |predicted - measured| (world size > 1): median {result['overlap_median_abs_diff_pts']:.1f} pts, "
               f"max {result['overlap_max_abs_diff_pts']:.1f} pts")
