@@ -43,7 +43,10 @@ class Router(nn.Module):
         self.last_scores_TE: torch.Tensor | None = None
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_TE = F.linear(x_TD.float(), self.classifier.weight.float())
+        # The router is computed in fp32 even under autocast (which would run this linear in
+        # bf16 despite the casts): selection is sensitive to tiny score differences.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.classifier.weight.float())
         scores_TE = logits_TE.softmax(dim=-1)
         with torch.no_grad():  # selection only: the bias never reaches the weights
             _, ids_TK = torch.topk(scores_TE + self.e_score_correction_bias, self.top_k, dim=-1)

@@ -142,18 +142,6 @@ def skew_router_bias(model: LongcatFlash, kind: str, strength: float) -> None:
             bias_E[: max(1, n_ffn // 8)] += unit
 
 
-def _fp32_router(router: torch.nn.Module) -> None:
-    """Keep the router's logits in fp32 under CPU bf16 autocast (autocast would run its
-    F.linear in bf16 despite the .float() casts). Wraps this instance's forward only."""
-    inner = router.forward
-
-    def forward(x_TD: torch.Tensor):
-        with torch.autocast("cpu", enabled=False):
-            return inner(x_TD.float())
-
-    router.forward = forward
-
-
 @torch.no_grad()
 def evaluate(model: LongcatFlash, tokens: torch.Tensor, cfg: TrainConfig, n_batches: int = 4) -> float:
     """Mean next-token loss on n_batches fixed windows of the held-out stream."""
@@ -187,8 +175,6 @@ def train(
     routers = [layer.mlp.router for layer in model.model.layers]
     for router in routers:
         router.keep_scores = True
-        if cfg.dtype == "bf16":
-            _fp32_router(router)
     controllers: list[BiasController | None] = [
         make_controller(cfg.controller, n_ffn, n_zero, top_k, target, cfg.gains()) for _ in routers
     ]

@@ -113,3 +113,18 @@ def test_router_keeps_scores_when_asked():
     scores = moe.router.last_scores_TE
     assert scores.shape == (4, cfg.n_experts_total) and scores.requires_grad
     torch.testing.assert_close(scores.sum(-1), torch.ones(4))
+
+
+def test_router_stays_fp32_under_bf16_autocast():
+    cfg, moe = make_moe()
+    router = moe.router
+    router.keep_scores = True
+    x = torch.randn(16, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    ids_fp32, weights_fp32 = router(x)
+    logits_fp32 = router.last_logits_TE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids, weights = router(x.bfloat16())
+    assert router.last_logits_TE.dtype == torch.float32
+    # Same selection as without autocast; the input's bf16 rounding is the only difference.
+    torch.testing.assert_close(router.last_logits_TE, logits_fp32, rtol=2e-2, atol=2e-2)
+    assert weights.dtype == torch.float32
