@@ -17,13 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device-level balance loss coefficient (default 0.1; 0 = off)")
     parser.add_argument("--ep-devices", type=int, default=None,
                         help="EP devices D for the balance loss and device load (default: up to 8)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and routing (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="run dir for train_log.csv etc.")
     parser.add_argument("--data", default="text", help="text (Python docs, bytes) or zipf (default text)")
     parser.add_argument("--dtype", default="fp32", help="fp32 or bf16 (CPU autocast)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate; the router classifier uses a tenth of it (default: %(default)s)")
     parser.add_argument("--skew", default="none",
                         help="skewed start: none, zero (bias favours zero experts), few (a few FFN experts)")
     parser.add_argument("--skew-strength", type=float, default=1.0, help="skew in units of 1/E (default 1)")
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-layers", type=int, default=None, help="override the preset's depth")
     parser.add_argument("--grow-from", default=None, metavar="CKPT",
                         help="start from a half-depth checkpoint stacked to twice its depth (model/growth.py)")
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
 
 
