@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -138,14 +139,7 @@ def write_sim_run(
     """
     from traces.overlap import compute_metrics
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise SimulationError(f"{out}: exists and is not a directory")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    def fill(tmp: Path) -> None:
         write_ops(sim_ops, tmp / OPS_PARQUET)
         write_kineto_traces(sim_ops, tmp, cluster)
         steps = step_times_us(sim_ops)
@@ -168,6 +162,21 @@ def write_sim_run(
         metrics = compute_metrics(sim_ops)
         metrics["source"] = "simulated"
         write_json_atomic(tmp / METRICS_JSON, metrics)
+
+    return write_dir_atomic(out_dir, fill)
+
+
+def write_dir_atomic(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Build a directory with `fill(tmp)` in a sibling temp dir, then rename it over `out_dir`
+    (an existing dir is replaced only once the new one is whole). Returns `out_dir` as a Path."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SimulationError(f"{out}: exists and is not a directory")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old{os.getpid()}")
             os.replace(out, old)
@@ -176,8 +185,7 @@ def write_sim_run(
         else:
             os.replace(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -305,20 +305,12 @@ def _plan_dict(plan: ParallelPlan) -> dict:
 def _write_run(out_dir: str | Path, sim: pa.Table, cluster: Cluster, w: Workload, metrics: dict,
                seed: int, write_traces: bool) -> None:
     """The simulated run dir (replay.write_sim_run's layout), metrics.json with our keys added."""
-    import os
-    import shutil
-
     from simulator.export import step_times_us, write_kineto_traces
+    from simulator.replay import write_dir_atomic
     from traces.rundir import METRICS_JSON, OPS_PARQUET, RUN_JSON, write_json_atomic
     from traces.schema import write_ops
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise SimulationError(f"{out}: exists and is not a directory")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    def fill(tmp: Path) -> None:
         write_ops(sim, tmp / OPS_PARQUET)
         if write_traces:
             write_kineto_traces(sim, tmp, cluster)
@@ -332,15 +324,8 @@ def _write_run(out_dir: str | Path, sim: pa.Table, cluster: Cluster, w: Workload
         }
         write_json_atomic(tmp / RUN_JSON, run)
         write_json_atomic(tmp / METRICS_JSON, metrics)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomic(out_dir, fill)
 
 
 def summary_lines(m: dict) -> list[str]:
