@@ -69,10 +69,25 @@ def test_merge_caps_segments_and_keeps_busy_time(big_run, monkeypatch):
     monkeypatch.setattr(timeline, "MAX_SEGMENTS", 500)
     rows, segs, gap_us = timeline.run_segments(run, ranks)
     assert segs.row.size <= 500 and gap_us > 0
-    # merged segments never extend beyond the ops of their row
-    for row in np.unique(segs.row):
-        m = segs.row == row
-        assert segs.start_us[m].min() >= 0
+    # against the raw ops: every op of a lane row lies inside one merged segment of that row
+    # and kind, and the row's segments span exactly its ops (merging never extends a row)
+    ops = run.ops
+    t0 = ops.column("start_us").to_numpy().min()
+    rank, lane = ops.column("rank").to_numpy(), np.array(ops.column("lane").to_pylist(), dtype=object)
+    kind = np.array(ops.column("kind").to_pylist(), dtype=object)
+    start = ops.column("start_us").to_numpy() - t0
+    end = start + ops.column("dur_us").to_numpy()
+    for i, name in enumerate(rows):
+        if name.endswith(timeline.OVERLAP_ROW):
+            continue
+        r, ln = name.split(" ", 1)
+        mine = (rank == int(r[1:])) & (lane == ln)
+        m = segs.row == i
+        assert segs.start_us[m].min() == pytest.approx(start[mine].min())
+        assert segs.end_us[m].max() == pytest.approx(end[mine].max())
+        for s, e, k in zip(start[mine], end[mine], kind[mine]):
+            inside = m & (segs.kind == k) & (segs.start_us <= s + 1e-9) & (segs.end_us >= e - 1e-9)
+            assert inside.any(), (name, s, e, k)
 
 
 def test_timeline_stacks_runs_on_one_axis(inputs, big_run):
