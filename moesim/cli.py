@@ -86,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         print("moesim: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - filtered right below
-        if isinstance(err, _user_error_types()) or isinstance(err, OSError) and err.filename:
+        if isinstance(err, _user_error_types()):
             print(f"moesim {args.verb}: {err}", file=sys.stderr)
+            return 2
+        if isinstance(err, OSError) and err.filename:
+            # "PATH: reason", like the packages' own errors (not "[Errno 2] ...: 'PATH'")
+            print(f"moesim {args.verb}: {err.filename}: {(err.strerror or str(err)).lower()}", file=sys.stderr)
             return 2
         raise
 

@@ -1,0 +1,34 @@
+"""Bad input to any verb: one line on stderr naming what was wrong, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from moesim.cli import main
+
+MISSING = "/nonexistent-moesim-input"
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["overlap", MISSING], MISSING),
+        (["parse", MISSING, "-o", "{tmp}/run"], MISSING),
+        (["simulate", "--trace", "{tmp}", "-o", "{tmp}/sim"], "ops.parquet"),
+        (["cluster", "show", "nope"], "nope"),
+        (["model", "--preset", "nope"], "nope"),
+        (["model", "--config", MISSING], f"{MISSING}: no such file"),
+        (["dashboard", "{tmp}", "-o", "{tmp}/d.html"], "not a run dir"),
+        (["profile", "--world-size", "0", "--out", "{tmp}/p"], "--world-size"),
+        (["train", "--preset", "tiny", "--steps", "0", "--out", "{tmp}/t"], "--steps"),
+        (["sweep", "--preset", "nope", "-o", "{tmp}/sw"], "nope"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, expected, tmp_path, capsys):
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"moesim {argv[0]}: ") and expected in lines[0]
+    assert "Traceback" not in err and "[Errno" not in err
