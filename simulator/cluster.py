@@ -314,7 +314,9 @@ def get_cluster(name: str, gpus: int | None = None, **options: object) -> Cluste
             return PRESETS[name](**kwargs)
         except TypeError as err:
             raise SimulationError(f"cluster {name}: {err}") from None
-    if name.endswith((".graphml", ".json")) and os.path.exists(name):
+    if name.endswith((".graphml", ".json")) and not os.path.exists(name):
+        raise SimulationError(f"{name}: no such topology file")
+    if name.endswith((".graphml", ".json")):
         cluster = load_cluster(name)
         if gpus is not None and gpus != cluster.num_gpus:
             raise SimulationError(f"{name}: has {cluster.num_gpus} GPUs, --gpus asked for {gpus}")

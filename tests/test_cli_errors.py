@@ -16,6 +16,7 @@ MISSING = "/nonexistent-moesim-input"
         (["parse", MISSING, "-o", "{tmp}/run"], MISSING),
         (["simulate", "--trace", "{tmp}", "-o", "{tmp}/sim"], "ops.parquet"),
         (["cluster", "show", "nope"], "nope"),
+        (["cluster", "show", MISSING + ".json"], "no such topology file"),
         (["model", "--preset", "nope"], "nope"),
         (["model", "--config", MISSING], f"{MISSING}: no such file"),
         (["dashboard", "{tmp}", "-o", "{tmp}/d.html"], "not a run dir"),
