@@ -67,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
           f"{cfg.n_routed_experts} FFN + {cfg.zero_expert_num} zero experts, top-{cfg.moe_topk}, "
           f"{'ScMoE' if cfg.shortcut else 'sequential MoE'}")
     lines = [
-        ("total params", f"{row['total_params'] / 1e9:,.3f} B"),
-        ("activated params, 0 FFN experts", f"{row['activated_params_min'] / 1e9:,.3f} B"),
-        (f"activated params, mean {mean_k:g} FFN experts", f"{row['activated_params_mean'] / 1e9:,.3f} B"),
-        (f"activated params, max {cfg.moe_topk} FFN experts", f"{row['activated_params_max'] / 1e9:,.3f} B"),
+        ("total params", _params(row['total_params'])),
+        ("activated params, 0 FFN experts", _params(row['activated_params_min'])),
+        (f"activated params, mean {mean_k:g} FFN experts", _params(row['activated_params_mean'])),
+        (f"activated params, max {cfg.moe_topk} FFN experts", _params(row['activated_params_max'])),
         (f"KV cache per token ({args.dtype_bytes} B/elem)", f"{row['kv_cache_bytes_per_token']:,} bytes"),
         (f"decode FLOPs per token at context {args.context}", f"{row['decode_flops_per_token'] / 1e9:,.2f} GFLOP"),
         (f"prefill FLOPs per token, {cfg.default_seq_len}-token prompt",
@@ -81,3 +81,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {key:<{width}}  {value:>18}")
     print("  (activated: lm_head counted, embedding not; FLOPs: matmuls, mean experts, causal attention)")
     return 0
+
+
+def _params(n: float) -> str:
+    """A parameter count in the unit that keeps it readable: 560.665 B, 1.234 M, 98,304."""
+    if n >= 1e9:
+        return f"{n / 1e9:,.3f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:,.3f} M"
+    return f"{n:,.0f}"
