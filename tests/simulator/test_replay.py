@@ -12,7 +12,8 @@ import pytest
 
 from moesim.cli import main
 from simulator.cluster import get_cluster, load_cluster, save_cluster
-from simulator.replay import replay, replay_gaps, write_sim_run
+from simulator.errors import SimulationError
+from simulator.replay import replay, replay_gaps, write_dir_atomic, write_sim_run
 from tests.simulator.helpers import Ops
 from traces.overlap import compute_metrics
 from traces.rundir import read_json
@@ -199,3 +200,24 @@ def test_collectives_without_sizes_fall_back_to_traced_time_and_are_counted():
     assert notes == {"replay_dropped_deps": 0, "unsized_collectives_from_trace": 1}
     latency_only = replay(table, cluster, unsized_from_trace=False).to_pydict()
     assert latency_only["dur_us"][5] == pytest.approx(30.0)  # two 15 µs loopback hops, no bytes
+
+
+def test_run_dir_is_replaced_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def fails_half_way(tmp: Path) -> None:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_dir_atomic(out, fails_half_way)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temp dir left behind
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    write_dir_atomic(out, lambda tmp: (tmp / "new.txt").write_text("new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"]  # replaced, not merged
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SimulationError, match="not a directory"):
+        write_dir_atomic(tmp_path / "file", lambda tmp: None)
