@@ -258,8 +258,9 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
     for key in sorted({(c.world_size, c.mode) for c in configs}):
         rcfg = reference_of(LiveConfig(key[0], key[1], "sequential", 0, 0))
         rcfg_b = reference_of(rcfg, second=True)
-        run = capture_live(rcfg, runs / f"ref-{rcfg.name}", steps, warmup)
-        run_b = capture_live(rcfg_b, runs / f"ref-{rcfg_b.name}", steps, warmup)
+        # references run twice the steps: every prediction of the group leans on them
+        run = capture_live(rcfg, runs / f"ref-{rcfg.name}", 2 * steps, warmup)
+        run_b = capture_live(rcfg_b, runs / f"ref-{rcfg_b.name}", 2 * steps, warmup)
         ref = build_reference(rcfg, runs / f"ref-{rcfg.name}", compute_model, run["step_time_us_median"],
                               (rcfg_b, runs / f"ref-{rcfg_b.name}"))
         replay_us, _, _ = simulate_steps(ref.graphs, comm_model, cores)
