@@ -225,13 +225,17 @@ def run_whatif(
     arch = get_arch(preset, shortcut=shortcut) if isinstance(preset, str) else preset
     cluster = cluster_name if isinstance(cluster_name, Cluster) else None
     if cluster is None:
-        plan.node_size = 8 if cluster_name != "cpu-loopback" else plan.gpus
-        if plan.gpus % plan.node_size:
-            raise SimulationError(f"plan: gpus {plan.gpus} is not a multiple of the node size {plan.node_size}"
+        if plan.gpus <= 0:
+            raise SimulationError(f"plan: gpus must be positive, got {plan.gpus}")
+        probe = get_cluster(cluster_name)  # one node of it: the node size (a CPU cluster is one host)
+        node_size = plan.gpus if probe.kind == "cpu" else probe.gpus_per_node
+        if plan.gpus % node_size:
+            raise SimulationError(f"plan: gpus {plan.gpus} is not a multiple of the node size {node_size}"
                                   f" of cluster {cluster_name}")
         cluster = get_cluster(cluster_name, gpus=plan.gpus)
     elif cluster.num_gpus != plan.gpus:
         raise SimulationError(f"plan: gpus {plan.gpus} but cluster {cluster.name} has {cluster.num_gpus}")
+    plan.node_size = cluster.gpus_per_node
     plan.validate(arch)
     if plan.dispatch_bytes <= 0:  # FP8 dispatch only where the GPU has FP8 (Ampere has not)
         plan.dispatch_bytes = 1.0 if cluster.gpu.fp8_flops > cluster.gpu.bf16_flops else 2.0

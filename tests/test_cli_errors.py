@@ -23,6 +23,8 @@ MISSING = "/nonexistent-moesim-input"
         (["profile", "--world-size", "0", "--out", "{tmp}/p"], "--world-size"),
         (["train", "--preset", "tiny", "--steps", "0", "--out", "{tmp}/t"], "--steps"),
         (["sweep", "--preset", "nope", "-o", "{tmp}/sw"], "nope"),
+        (["simulate", "--preset", "small", "--cluster", "cpu-loopback", "--gpus", "0", "-o", "{tmp}/s"], "gpus"),
+        (["simulate", "--preset", "small", "--cluster", "h800", "--gpus", "12", "-o", "{tmp}/s"], "node size 8"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, expected, tmp_path, capsys):
