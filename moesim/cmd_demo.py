@@ -57,7 +57,9 @@ class _Steps:
         if code != 0:
             from moesim.cli import UsageError
 
-            raise UsageError(f"step `moesim {argv[0]}` failed (exit {code}); see {self.log_path}")
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+            why = f": {lines[-1].strip()}" if lines and not lines[-1].startswith("$ moesim") else ""
+            raise UsageError(f"step `moesim {argv[0]}` failed (exit {code}){why}; see {self.log_path}")
 
 
 def run(args: argparse.Namespace) -> int:
