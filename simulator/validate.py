@@ -419,8 +419,6 @@ def write_table(path: Path, result: dict) -> Path:
     for s in result["speedups"]:
         lines.append(f"shortcut speedup {s['name']}: predicted {s['predicted']:.3f}, measured {s['measured']:.3f} "
                      f"({s['diff_pts']:+.1f} pts)")
-    from traces.rundir import write_json_atomic  # noqa: F401 - same atomic pattern below
-
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
