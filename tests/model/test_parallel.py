@@ -40,8 +40,10 @@ def _batch(config: LongcatConfig) -> torch.Tensor:
     return torch.randint(0, config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
 
 
-def _check_forward(rank: int, world: int, device, schedule: str) -> None:
-    config = LongcatConfig.preset("tiny", num_layers=2)
+def _check_forward(rank: int, world: int, device, schedule: str, shortcut: bool = True) -> None:
+    """Logits of a full forward and of KV-cache decoding equal the single-process model's.
+    shortcut=False (MoE after attention 1) takes its own path through parallel.py."""
+    config = LongcatConfig.preset("tiny", num_layers=2, shortcut=shortcut)
     reference, parallel = _models(schedule, config)
     tokens = _batch(config)
     b = BATCH // world
@@ -87,23 +89,10 @@ def _check_grads(rank: int, world: int, device, schedule: str) -> None:
     assert checked == len(ref_params), (checked, len(ref_params))
 
 
-def _check_conventional_layer(rank: int, world: int, device, schedule: str) -> None:
-    """config.shortcut = False (MoE after attention 1) takes its own path through parallel.py."""
-    config = LongcatConfig.preset("tiny", num_layers=2, shortcut=False)
-    reference, parallel = _models(schedule, config)
-    tokens = _batch(config)
-    b = BATCH // world
-    with torch.no_grad():
-        expected = reference(tokens).logits[rank * b : (rank + 1) * b]
-        got = parallel(tokens[rank * b : (rank + 1) * b]).logits
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    _assert_routing_exercised(parallel, rank, world)
-
-
 def _check_all(rank: int, world: int, device, schedule: str) -> None:
     # One spawn per schedule runs every check: starting ranks costs more than the checks.
     _check_forward(rank, world, device, schedule)
-    _check_conventional_layer(rank, world, device, schedule)
+    _check_forward(rank, world, device, schedule, shortcut=False)
     _check_grads(rank, world, device, schedule)
     _check_uneven_split(rank, world, device)
 
