@@ -599,22 +599,15 @@ def _assemble(templates: list[_Template], plan: ParallelPlan, S: int, ep: int) -
                                              "split_flat", "split_len")}
     next_id = 0
     group_cache: dict[tuple[str, int], str] = {}
+    group_size = {"ep": ep, "tp": plan.tp, "dp": S}  # contiguous rank blocks of this size
 
     def group_str(key: str, r: int) -> str:
-        if key == "ep":
-            lo = r // ep * ep
-            k = ("ep", lo)
+        size = group_size.get(key)
+        if size is not None:
+            lo = r // size * size
+            k = (key, lo)
             if k not in group_cache:
-                group_cache[k] = ",".join(map(str, range(lo, lo + ep)))
-            return group_cache[k]
-        if key == "tp":
-            lo = r // plan.tp * plan.tp
-            return ",".join(map(str, range(lo, lo + plan.tp)))
-        if key == "dp":
-            lo = r // S * S
-            k = ("dp", lo)
-            if k not in group_cache:
-                group_cache[k] = ",".join(map(str, range(lo, lo + S)))
+                group_cache[k] = ",".join(map(str, range(lo, lo + size)))
             return group_cache[k]
         _, kind, delta = key.split(":")
         peer = r + int(delta) * S
