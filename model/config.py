@@ -169,6 +169,8 @@ class LongcatConfig:
                     raw = json.load(f)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{source}: not valid JSON ({err})") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object of config fields, got {type(raw).__name__}")
         aliases = {
             "num_local_experts": "n_routed_experts",
             "num_experts_per_tok": "moe_topk",

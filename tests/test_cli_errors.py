@@ -19,6 +19,7 @@ MISSING = "/nonexistent-moesim-input"
         (["cluster", "show", MISSING + ".json"], "no such topology file"),
         (["model", "--preset", "nope"], "nope"),
         (["model", "--config", MISSING], f"{MISSING}: no such file"),
+        (["model", "--config", "{tmp}/list.json"], "expected a JSON object"),
         (["dashboard", "{tmp}", "-o", "{tmp}/d.html"], "not a run dir"),
         (["profile", "--world-size", "0", "--out", "{tmp}/p"], "--world-size"),
         (["train", "--preset", "tiny", "--steps", "0", "--out", "{tmp}/t"], "--steps"),
@@ -28,6 +29,7 @@ MISSING = "/nonexistent-moesim-input"
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, expected, tmp_path, capsys):
+    (tmp_path / "list.json").write_text("[1, 2]")
     code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err
     assert code == 2
