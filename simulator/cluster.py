@@ -358,7 +358,7 @@ def load_cluster(path: str | os.PathLike) -> Cluster:
         else:
             with open(path) as f:
                 g = nx.node_link_graph(json.load(f), directed=True, edges="links")
-    except (json.JSONDecodeError, nx.NetworkXError, KeyError, ValueError) as err:
+    except (json.JSONDecodeError, nx.NetworkXError, KeyError, ValueError, AttributeError, TypeError) as err:
         raise SimulationError(f"{path}: not a readable topology ({err})") from None
     if not g.is_directed():
         g = g.to_directed()

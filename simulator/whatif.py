@@ -394,13 +394,18 @@ def routing_from_file(path: str | Path, arch: MoeArch, choice: str = "replay") -
         if not rows or "ffn_experts_per_token" not in rows[0]:
             raise SimulationError(f"{path}: expected a moesim train log with an ffn_experts_per_token column")
         tail = rows[-max(1, len(rows) // 5):]
-        mean = float(np.mean([float(r["ffn_experts_per_token"]) for r in tail]))
-        std = float(np.mean([float(r.get("ffn_experts_std") or 0.0) for r in tail]))
+        try:
+            mean = float(np.mean([float(r["ffn_experts_per_token"]) for r in tail]))
+            std = float(np.mean([float(r.get("ffn_experts_std") or 0.0) for r in tail]))
+        except (TypeError, ValueError) as err:
+            raise SimulationError(f"{path}: ffn_experts_per_token / ffn_experts_std must be numbers ({err})") from None
         return RoutingSpec(k_mean=min(mean, K), k_std=max(std, 1e-3))
     try:
         rec = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise SimulationError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(rec, dict):
+        raise SimulationError(f"{path}: expected a JSON object (a routing record or run.json)")
     hist, tpe = None, None
     if isinstance(rec.get("routing"), dict) and rec["routing"]:  # a live run's run.json
         layers = list(rec["routing"].values())
@@ -420,6 +425,9 @@ def routing_from_file(path: str | Path, arch: MoeArch, choice: str = "replay") -
         if rec.get("tokens_per_expert") is not None:
             tpe = np.asarray(rec["tokens_per_expert"], dtype=np.float64)
             tpe = tpe.sum(axis=0) if tpe.ndim == 2 else tpe
+    if hist is None and tpe is None:
+        raise SimulationError(f"{path}: no routing in it (expected routing, ffn_experts_per_token, "
+                              "ffn_experts_per_token_hist or tokens_per_expert)")
     spec = RoutingSpec()
     if hist is not None:
         if hist.sum() <= 0:

@@ -24,12 +24,21 @@ MISSING = "/nonexistent-moesim-input"
         (["profile", "--world-size", "0", "--out", "{tmp}/p"], "--world-size"),
         (["train", "--preset", "tiny", "--steps", "0", "--out", "{tmp}/t"], "--steps"),
         (["sweep", "--preset", "nope", "-o", "{tmp}/sw"], "nope"),
+        (["cluster", "show", "{tmp}/list.json"], "not a readable topology"),
+        (["simulate", "--preset", "small", "--gpus", "8", "--routing-record", "{tmp}/list.json", "-o", "{tmp}/s"],
+         "expected a JSON object"),
+        (["simulate", "--preset", "small", "--gpus", "8", "--routing-record", "{tmp}/empty.json", "-o", "{tmp}/s"],
+         "no routing in it"),
+        (["simulate", "--preset", "small", "--gpus", "8", "--routing-record", "{tmp}/log.csv", "-o", "{tmp}/s"],
+         "must be numbers"),
         (["simulate", "--preset", "small", "--cluster", "cpu-loopback", "--gpus", "0", "-o", "{tmp}/s"], "gpus"),
         (["simulate", "--preset", "small", "--cluster", "h800", "--gpus", "12", "-o", "{tmp}/s"], "node size 8"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, expected, tmp_path, capsys):
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "empty.json").write_text('{"preset": "small"}')
+    (tmp_path / "log.csv").write_text("step,ffn_experts_per_token\n1,abc\n")
     code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err
     assert code == 2
