@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -347,7 +348,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[LongcatFlash, dict]:
     """(model, the raw checkpoint dict) from a checkpoint.pt written by `train`."""
     try:
         state = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, ValueError) as err:
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise ConfigError(f"{os.fspath(path)}: not a moesim training checkpoint ({err})") from err
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ConfigError(f"{os.fspath(path)}: not a moesim training checkpoint (no config/model)")

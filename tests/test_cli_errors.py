@@ -23,6 +23,7 @@ MISSING = "/nonexistent-moesim-input"
         (["dashboard", "{tmp}", "-o", "{tmp}/d.html"], "not a run dir"),
         (["profile", "--world-size", "0", "--out", "{tmp}/p"], "--world-size"),
         (["train", "--preset", "tiny", "--steps", "0", "--out", "{tmp}/t"], "--steps"),
+        (["train", "--grow-from", "{tmp}/list.json", "--out", "{tmp}/t"], "not a moesim training checkpoint"),
         (["sweep", "--preset", "nope", "-o", "{tmp}/sw"], "nope"),
         (["cluster", "show", "{tmp}/list.json"], "not a readable topology"),
         (["simulate", "--preset", "small", "--gpus", "8", "--routing-record", "{tmp}/list.json", "-o", "{tmp}/s"],
