@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -108,7 +108,17 @@ class _CpuPool:
 
 
 class Simulation:
-    """Build once from an ops table and a cluster, then `run()`."""
+    """Build once from an ops table and a cluster, then `run()`.
+
+    compute_time(ops, cluster) -> float64[n] µs for non-collective ops (default
+    roofline_time_us). gap_us: per-op host delay after the op becomes ready (replay).
+    unsized_from_trace: collectives whose ops carry no byte counts take their traced time
+    (as with comm_from_trace) instead of the network model's latency-only answer.
+    trace_tails: with traced times (comm_from_trace / unsized_from_trace) each rank keeps its
+    own traced tail after the last arrival, so a live trace replays exactly (replay sets it);
+    without it every rank ends after the shortest duration of the collective's ops (what a
+    table whose comm dur_us holds predicted transfer times needs).
+    """
 
     def __init__(
         self,
@@ -677,42 +687,8 @@ class Simulation:
         return str(self.names[int(self.order[pos])].as_py())
 
 
-def simulate(
-    ops: pa.Table,
-    cluster: Cluster,
-    *,
-    comm_from_trace: bool = False,
-    seed: int = 0,
-    compute_time: ComputeTimeFn | None = None,
-    flow_model: FlowModel = "auto",
-    gap_us: np.ndarray | None = None,
-    interference: bool = True,
-    fuse: bool = True,
-    unsized_from_trace: bool = False,
-    trace_tails: bool = False,
-) -> pa.Table:
+def simulate(ops: pa.Table, cluster: Cluster, **options: Any) -> pa.Table:
     """Simulate `ops` (a normalized trace table) on `cluster`; return it with simulated
-    start_us / dur_us (same rows, same order). See the module docstring for the model.
-
-    compute_time(ops, cluster) -> float64[n] µs for non-collective ops (default
-    roofline_time_us). gap_us: per-op host delay after the op becomes ready (replay).
-    unsized_from_trace: collectives whose ops carry no byte counts take their traced time
-    (as with comm_from_trace) instead of the network model's latency-only answer.
-    trace_tails: with traced times (comm_from_trace / unsized_from_trace) each rank keeps its
-    own traced tail after the last arrival, so a live trace replays exactly (replay sets it);
-    without it every rank ends after the shortest duration of the collective's ops (what a
-    table whose comm dur_us holds predicted transfer times needs).
-    """
-    return Simulation(
-        ops,
-        cluster,
-        comm_from_trace=comm_from_trace,
-        seed=seed,
-        compute_time=compute_time,
-        flow_model=flow_model,
-        gap_us=gap_us,
-        interference=interference,
-        fuse=fuse,
-        unsized_from_trace=unsized_from_trace,
-        trace_tails=trace_tails,
-    ).run()
+    start_us / dur_us (same rows, same order). `options`: the keyword arguments of
+    `Simulation` (documented there). See the module docstring for the model."""
+    return Simulation(ops, cluster, **options).run()
