@@ -347,7 +347,7 @@ def save_checkpoint(
 def load_checkpoint(path: str | os.PathLike) -> tuple[LongcatFlash, dict]:
     """(model, the raw checkpoint dict) from a checkpoint.pt written by `train`."""
     try:
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)  # never runs pickled code
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise ConfigError(f"{os.fspath(path)}: not a moesim training checkpoint ({err})") from err
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
