@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="small", help="model preset profiled live (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=6, help="profiled steps per live run (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
-    parser.add_argument("--whatif-batch-per-gpu", type=int, default=24,
-                        help="decode sequences per GPU in the 128 x H800 what-if (default: %(default)s)")
+    parser.add_argument("--whatif-batch-per-gpu", type=int, default=8,
+                        help="decode sequences per GPU in the 128 x H800 what-if; 8 is the published "
+                             "804 TGS / 100.5 TPS per user point (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per live run (default: %(default)s)")
 
 
@@ -107,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"LongCat-Flash on 128 x H800, decode, context 5000, {args.whatif_batch_per_gpu} seqs/GPU, SBO, MTP 0.9:")
     print(f"  TPOT {w['tpot_ms']:.1f} ms   TPS/user {w['tps_per_user']:.1f}   TGS {w['tgs']:.0f} tok/s/GPU   "
           f"${w['cost_usd_per_m_tokens']:.2f} / M output tokens at $2/GPU-hour")
+    if args.whatif_batch_per_gpu == 8:
+        print("  published (SGLang on 128 x H800, 8 users/GPU): TPS/user 100.5   TGS 804   $0.70 / M")
     if "activated_params_mean" in w:
         print(f"  activated params/token {w['activated_params_mean'] / 1e9:.1f}B mean, "
               f"zero-expert share {w.get('zero_expert_share', 0):.2f}")
