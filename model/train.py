@@ -349,7 +349,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[LongcatFlash, dict]:
     try:
         state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)  # never runs pickled code
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise ConfigError(f"{os.fspath(path)}: not a moesim training checkpoint ({err})") from err
+        raise ConfigError(f"{os.fspath(path)}: not a moesim training checkpoint ({type(err).__name__})") from err
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ConfigError(f"{os.fspath(path)}: not a moesim training checkpoint (no config/model)")
     model = LongcatFlash(LongcatConfig.from_dict(state["config"], source=os.fspath(path)))

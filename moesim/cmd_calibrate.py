@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated message sizes per rank in KiB (default 1,4,...,4096)")
     parser.add_argument("--comm-reps", type=int, default=15, help="repetitions per collective and size (default 15)")
     parser.add_argument("--compute-reps", type=int, default=7, help="repetitions per compute case (default 7)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed for the microbenchmark tensors (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
