@@ -56,7 +56,7 @@ def test_wrong_backend_or_world_size_and_missing_file(tmp_path):
 def test_live_gloo_calibration_cli(tmp_path, capsys):
     out = tmp_path / "CAL"
     rc = main(["calibrate", "--backend", "gloo", "--world-size", "2", "-o", str(out),
-               "--sizes-kib", "1,256", "--comm-reps", "3", "--compute-reps", "2"])
+               "--sizes-kib", "1,4096", "--comm-reps", "9", "--compute-reps", "2"])
     assert rc == 0
     raw, model, comm = load_calibration(out, backend="gloo", world_size=2)
     assert raw["torch_version"] and raw["device"]["type"] == "cpu"
