@@ -8,7 +8,9 @@ HELP = "train a small LongCat-Flash with PID-steered expert bias; writes train_l
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="model preset (tiny, small, ...); default tiny")
+    parser.add_argument("--preset", default=None,
+                        help="model preset (tiny, small, ...); default tiny; not with --grow-from, whose "
+                             "checkpoint sets the model")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     parser.add_argument("--target-ffn-experts", type=float, default=None, metavar="K_E",
                         help="target mean FFN experts per token, in (0, top-k]; default 2/3 of top-k")
@@ -59,8 +61,12 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
+    if args.grow_from is not None and (args.preset is not None or args.num_layers is not None):
+        from moesim.cli import UsageError
+
+        raise UsageError("--grow-from takes the model from its checkpoint: drop --preset / --num-layers")
     cfg = TrainConfig(
-        preset=args.preset, steps=args.steps, target_ffn_experts=args.target_ffn_experts,
+        preset=args.preset or "tiny", steps=args.steps, target_ffn_experts=args.target_ffn_experts,
         controller=args.controller, kp=args.kp, ki=args.ki, kd=args.kd,
         balance_loss=args.balance_loss, ep_devices=args.ep_devices, seed=args.seed, data=args.data,
         dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,

@@ -58,9 +58,9 @@ def test_grown_model_loads_copies_and_trains(tmp_path) -> None:
 
 
 def test_cli_grow_from(tmp_path) -> None:
-    base = [sys.executable, "-m", "moesim", "train", "--preset", "tiny", "--steps", "2",
+    base = [sys.executable, "-m", "moesim", "train", "--steps", "2",
             "--data", "zipf", "--batch-size", "2", "--seq-len", "16"]
-    first = subprocess.run([*base, "--num-layers", "1", "--out", str(tmp_path / "a")],
+    first = subprocess.run([*base, "--preset", "tiny", "--num-layers", "1", "--out", str(tmp_path / "a")],
                            capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     second = subprocess.run([*base, "--grow-from", str(tmp_path / "a" / "checkpoint.pt"),
@@ -68,6 +68,10 @@ def test_cli_grow_from(tmp_path) -> None:
     assert second.returncode == 0, second.stderr
     model, _ = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert model.config.num_layers == 2
+    # The checkpoint sets the model: a preset beside it would be silently ignored, so it is refused.
+    both = subprocess.run([*base, "--preset", "small", "--grow-from", str(tmp_path / "a" / "checkpoint.pt"),
+                           "--out", str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "--grow-from" in both.stderr and not (tmp_path / "d").exists()
     missing = subprocess.run([*base, "--grow-from", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "c")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
