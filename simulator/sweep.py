@@ -69,7 +69,7 @@ class SweepPoint:
 
     @property
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return _row_key(asdict(self))
 
 
 def grid(
@@ -159,8 +159,8 @@ def read_journal(out_dir: str | os.PathLike) -> list[dict]:
 
 
 def _row_key(row: dict) -> str:
-    fields = SweepPoint.__dataclass_fields__
-    return json.dumps({name: row[name] for name in fields}, sort_keys=True)
+    """The resume key of a point or results row: its grid fields, canonically serialised."""
+    return json.dumps({name: row[name] for name in SweepPoint.__dataclass_fields__}, sort_keys=True)
 
 
 def run_sweep(
@@ -202,7 +202,8 @@ def run_sweep(
                 for future in as_completed(futures):
                     record(future.result())
     grid_keys = [p.key for p in points]
-    rows = [done[k] for k in grid_keys] + [r for k, r in done.items() if k not in set(grid_keys)]
+    in_grid = set(grid_keys)
+    rows = [done[k] for k in grid_keys] + [r for k, r in done.items() if k not in in_grid]
     table = results_table(rows)
     write_results(table, out_dir)
     return table
