@@ -358,12 +358,13 @@ class _EventColumns:
 
 
 def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
-    """Fill flops / bytes of CPU ops and coll_bytes of comm ops from the run's Kineto shapes.
+    """Fill flops / bytes of CPU ops from the run's Kineto shapes (comm ops get their sizes
+    when traces.kineto parses the run).
 
     The normalized trace keeps no shapes, so each op is matched to its profiler event (same
     rank and name, start within 1 µs after the rank's clock offset, which is estimated as
-    the median start − ts over ops whose (name, duration) pair is unique) and `op_work` /
-    the comm annotation's `Input Dims` give the work. Ops already carrying work, and ops
+    the median start − ts over ops whose (name, duration) pair is unique) and `op_work`
+    gives the work. Ops already carrying work, and ops
     without a match, are left as they are.
     """
     import numpy as np
@@ -394,7 +395,6 @@ def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
     kind = ops.column("kind").to_pylist()
     flops = ops.column("flops").to_numpy().copy()
     nbytes = ops.column("bytes").to_numpy().copy()
-    coll_bytes = ops.column("coll_bytes").to_numpy().copy()
     for rank, tf in by_rank.items():
         rows = np.flatnonzero(rank_col == rank)
         ev_by_name: dict[str, list[int]] = {}
@@ -427,14 +427,11 @@ def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
             if best is None or abs(ts[best] - start[r]) > 1.0:
                 continue
             args = tf.args[int(idx[best])]
-            if kind[r] == "comm":
-                if coll_bytes[r] <= 0:
-                    coll_bytes[r] = op_work("comm", args.get("Input Dims"), args.get("Input type")).bytes / 2
-            elif flops[r] <= 0 and nbytes[r] <= 0:
+            if kind[r] != "comm" and flops[r] <= 0 and nbytes[r] <= 0:
                 work = op_work(names[r], args.get("Input Dims"), args.get("Input type"))
                 flops[r], nbytes[r] = work.flops, work.bytes
     out = ops
-    for col, values in (("flops", flops), ("bytes", nbytes), ("coll_bytes", coll_bytes)):
+    for col, values in (("flops", flops), ("bytes", nbytes)):
         out = out.set_column(out.schema.get_field_index(col), col, pa.array(values, type=pa.float64()))
     return out
 

@@ -84,6 +84,9 @@ _DTYPE_BYTES = {
     "bfloat16": 2, "bf16": 2, "int": 4, "int32": 4, "long": 8, "int64": 8, "short": 2,
     "int16": 2, "char": 1, "int8": 1, "byte": 1, "uint8": 1, "bool": 1, "unsigned char": 1,
     "float8_e4m3fn": 1, "float8_e5m2": 1, "complexfloat": 8, "complexdouble": 16,
+    # the spellings of the profiler's `Input type` (C++ type names)
+    "c10::half": 2, "c10::bfloat16": 2, "long int": 8, "short int": 2, "signed char": 1,
+    "c10::float8_e4m3fn": 1, "c10::float8_e5m2": 1, "c10::complex<float>": 8, "c10::complex<double>": 16,
 }
 
 
@@ -157,4 +160,44 @@ def collective_details(args: dict | None, pg_ranks: dict[str, list[int]]) -> tup
         splits = [coll_bytes * r / total for r in split_rows]
     seq = args.get("Seq")
     seq = int(seq) if isinstance(seq, (int, float)) and not isinstance(seq, bool) else -1
+    return group, coll_bytes, splits, seq
+
+
+def _tensor_bytes(dims: object, dtype: object) -> float:
+    """Bytes of one profiler `Input Dims` entry ([d0, d1, ...]) of `Input type` dtype; 0 unknown."""
+    elem = _DTYPE_BYTES.get(str(dtype).lower(), 0) if isinstance(dtype, str) else 0
+    if not elem or not isinstance(dims, list) or not dims or not all(isinstance(d, int) for d in dims):
+        return 0.0
+    n = 1
+    for d in dims:
+        n *= d
+    return float(n * elem)
+
+
+def cpu_collective_details(
+    issue_name: str, issue_args: dict | None, comm_args: dict | None, pg_ranks: dict[str, list[int]]
+) -> tuple[str, float, list[float], int]:
+    """(group, coll_bytes, splits_bytes, seq) of a CPU (gloo) collective.
+
+    Starts from the issue op's record_param_comms-style args (`collective_details`), then
+    fills what CPU traces leave out (torch's CPU builds record no record_param_comms):
+      coll_bytes  the worker thread's `gloo:*` annotation records the input tensors (its
+                  `Input Dims` / `Input type`): their bytes summed
+      splits      `c10d::alltoall_base_(output, input, pg, output_splits, input_splits, ...)`
+                  keeps the input split sizes (rows) in `Concrete Inputs`[4]; "[]" = even
+      group       the process group when the trace's distributedInfo lists only one
+    """
+    group, coll_bytes, splits, seq = collective_details(issue_args, pg_ranks)
+    if coll_bytes <= 0 and comm_args:
+        dims, types = comm_args.get("Input Dims"), comm_args.get("Input type")
+        if isinstance(dims, list) and isinstance(types, list):
+            coll_bytes = sum(_tensor_bytes(d, t) for d, t in zip(dims, types))
+    if not splits and coll_bytes > 0 and issue_args:
+        concrete = issue_args.get("Concrete Inputs")
+        if isinstance(concrete, list) and len(concrete) > 4 and issue_name.startswith("c10d::alltoall_base"):
+            rows = _int_list(concrete[4])
+            if rows and sum(rows) > 0:
+                splits = [coll_bytes * r / sum(rows) for r in rows]
+    if not group and len(pg_ranks) == 1:
+        group = ",".join(str(r) for r in next(iter(pg_ranks.values())))
     return group, coll_bytes, splits, seq

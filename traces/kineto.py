@@ -229,6 +229,8 @@ def _keep_args(cat: int, name: str, args: object) -> bool:
         return True
     if cat == CPU_OP:
         return name == "record_param_comms" or name.startswith("c10d::")
+    if cat == USER_ANN:  # a gloo worker's annotation records the collective's input shapes
+        return name.startswith("gloo:")
     return cat == KERNEL and _COLLECTIVE_ARG in args
 
 

@@ -47,6 +47,7 @@ from traces.classify import (
     WAIT_OP_RE,
     ClassifyConfig,
     collective_details,
+    cpu_collective_details,
     collective_of,
 )
 from traces.kineto import CPU_OP, CUDA_SYNC, DRIVER, KERNEL, MEMCPY, MEMSET, RUNTIME, USER_ANN, TraceFile
@@ -392,9 +393,13 @@ def _gloo_deps(tf: TraceFile, out, event_piece: dict[int, int], has_gpu: bool) -
         issues = [int(i) for i in cpu_ops if ISSUE_OP_RE.match(names[i])]
     issues.sort(key=lambda i: start[i])
     comm_ops.sort(key=lambda k: out.start[k])
+    # the gloo:* annotation each comm op comes from (its args hold the input tensors' shapes)
+    comm_set = set(comm_ops)
+    ann_of = {piece: ev for ev, piece in event_piece.items() if piece in comm_set and cat[ev] == USER_ANN}
     p = 0
     issued_at: dict[int, float] = {}
     for k in comm_ops:
+        comm_args = tf.args[ann_of[k]] if k in ann_of else None
         if p < len(issues) and start[issues[p]] <= out.start[k]:
             i = issues[p]
             p += 1
@@ -405,10 +410,11 @@ def _gloo_deps(tf: TraceFile, out, event_piece: dict[int, int], has_gpu: bool) -
             issued_at[k] = float(start[i])
             a = tf.args[i]
             coll = collective_of(out.name[k], a)
-            out.set_collective(k, coll, *collective_details(a, tf.pg_ranks))
+            out.set_collective(k, coll, *cpu_collective_details(names[i], a, comm_args, tf.pg_ranks))
         else:
             issued_at[k] = out.start[k]
-            out.set_collective(k, collective_of(out.name[k], None), "", 0.0, [], -1)
+            out.set_collective(k, collective_of(out.name[k], None),
+                               *cpu_collective_details("", None, comm_args, tf.pg_ranks))
     if has_gpu:
         return
     waits = sorted((k for k in range(out.n) if out.kind[k] == "sync" and WAIT_OP_RE.search(out.name[k])), key=lambda k: out.start[k])

@@ -80,3 +80,45 @@ def test_overlapped_all_to_all_hides_more_comm_than_waited(tmp_path):
     overlapped, waited = hidden_share("overlapped"), hidden_share("waited")
     assert waited < 10, figures["waited"]["labels"]
     assert overlapped > waited + 10, (overlapped, waited)  # 18-60 % seen vs exactly 0
+
+
+def _sized_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    in_splits, out_splits = SPLITS[rank], [SPLITS[peer][rank] for peer in range(world)]
+    send = torch.zeros(sum(in_splits), ROW, dtype=torch.float32)
+    recv = torch.empty(sum(out_splits), ROW, dtype=torch.float32)
+    vec = torch.zeros(ALLREDUCE_ELEMS, dtype=torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:  # as `moesim profile` runs
+        dist.all_to_all_single(recv, send, out_splits, in_splits)
+        dist.all_reduce(vec)
+    prof.export_chrome_trace(f"{out_dir}/rank{rank}.pt.trace.json")
+    dist.destroy_process_group()
+
+
+ROW = 24
+SPLITS = [[3, 11], [7, 2]]  # rows rank r sends to each peer: uneven on purpose
+ALLREDUCE_ELEMS = 1000
+
+
+def test_gloo_collectives_carry_their_sizes_and_group(tmp_path):
+    """torch's CPU traces have no record_param_comms; the sizes must come from the gloo
+    worker's annotation and c10d::alltoall_base_'s split args. Expected values are the
+    tensors this test hands to torch.distributed."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sized_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ops = parse_traces(sorted(tmp_path.glob("rank*.pt.trace.json")))
+    comm = [r for r in ops.to_pylist() if r["kind"] == "comm"]
+    for rank in (0, 1):
+        mine = {r["coll"]: r for r in comm if r["rank"] == rank}
+        a2a, ar = mine["all_to_all"], mine["all_reduce"]
+        assert a2a["group"] == ar["group"] == "0,1"
+        assert a2a["coll_bytes"] == sum(SPLITS[rank]) * ROW * 4
+        assert a2a["splits"] == [rows * ROW * 4 for rows in SPLITS[rank]]
+        assert ar["coll_bytes"] == ALLREDUCE_ELEMS * 2  # bf16
+        assert ar["splits"] == []
