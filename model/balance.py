@@ -82,11 +82,16 @@ class PidGains:
 # - kd > 0 (a proportional term on b) passes each step's count noise into the bias: per-step
 #   load max/mean rose from ~1.3 to ~2.0 at kd 0.5 on tiny; kd defaults to 0, still a knob.
 # - the imbalance part is clamped to ±1 (an overloaded expert's ε reaches 1 − N/K_e).
+# - with one balance unit for all experts (the mean spread) small's load stayed at max/mean
+#   1.68 pooled, 5.7 per step: the hottest experts' scores spread 5–6x less over tokens than
+#   the mean, so each of their bias steps swung them from no tokens to most (a limit cycle).
+#   Per-expert units (each its own spread) brought small to 1.25 pooled; halving the balance
+#   part (balance_gain 0.5) to 1.19, and kept tiny settling within 87–118 steps (seeds 0–2).
 # "p" is "pid" without its I and D terms, so comparing the two isolates what they add. The
 # report's plain update is PidGains(kp=μ·K_e·E/(K·N)) with the default units (1/E).
 DEFAULT_GAINS: dict[str, PidGains] = {
-    "p": PidGains(kp=0.5, balance_gain=1.0, error_clip=1.0),
-    "pid": PidGains(kp=0.5, ki=0.005, kd=0.0, balance_gain=1.0, error_clip=1.0),
+    "p": PidGains(kp=0.5, balance_gain=0.5, error_clip=1.0),
+    "pid": PidGains(kp=0.5, ki=0.005, kd=0.0, balance_gain=0.5, error_clip=1.0),
 }
 
 
@@ -97,13 +102,15 @@ class BiasController:
     like 1/E, so the controller works on the relative error
         ε_i = e_i · K · N / K_e = 1 − T_i / (K_e · T_all / N)      (1 − load / target load)
     and moves the bias in units of the router's scores (1/E, the uniform score, or the
-    gain-scheduled units of `router_score_units`: u_b for the budget part, u_d for the
-    balance part). ε splits into a common mode, the budget error
+    gain-scheduled units of `router_score_units`: u_b for the budget part, u_d,i per FFN
+    expert for the balance part). ε splits into a common mode, the budget error
     ε̄ = mean_j ε_j = (K_e − mean FFN experts per token)/K_e, and a differential part
     ε_i − ε̄, the imbalance between FFN experts. The differential part of one step's counts
     is far noisier (each expert sees ~T·K_e/N tokens, the budget all T·K_e), so it may be
     weighted down by s = balance_gain:
-        ε'_i(t) = ε̄(t) + s · (u_d/u_b) · (ε_i(t) − ε̄(t))           (s = 1, u_d = u_b: ε'_i = ε_i)
+        ε'_i(t) = ε̄(t) + s · [ (u_d,i/u_b) · (ε_i(t) − ε̄(t)) ]₀      (s = 1, u_d,i = u_b: ε'_i = ε_i)
+    where [x]₀ = x − mean_j x_j re-centres the balance part, so per-expert units never leak
+    into the budget (mean_i ε'_i = ε̄ always).
     Per step t and FFN expert i:
         I_i(t)  = clamp(I_i(t−1) + ε'_i(t), ±integral_limit)  only while |ε̄(t)| < integral_band
         Δb_i(t) = u_b · [ kp · ε'_i(t) + ki · I_i(t) + kd · (ε'_i(t) − ε'_i(t−1)) ]
@@ -149,7 +156,8 @@ class BiasController:
         """Update bias_E[:N] in place from one step's FFN-expert token counts; returns Δb [N].
 
         units: (u_b, u_d), the bias units of the budget and balance parts (default 1/E
-        both, the uniform score); `router_score_units` gives the gain-scheduled ones.
+        both, the uniform score); u_d may be a float or a per-FFN-expert tensor [N];
+        `router_score_units` gives the gain-scheduled ones.
         """
         if bias_E.numel() != self.n_ffn + self.n_zero:
             raise ConfigError(
@@ -165,8 +173,14 @@ class BiasController:
         imbalance_N = (raw_N - budget).clamp(-g.error_clip, g.error_clip)
         imbalance_N -= imbalance_N.mean()
         uniform = 1.0 / (self.n_ffn + self.n_zero)
-        u_b, u_d = (uniform, uniform) if units is None else (float(units[0]), float(units[1]))
-        eps_N = budget + g.balance_gain * (u_d / u_b) * imbalance_N  # in units of u_b
+        u_b, u_d = (uniform, uniform) if units is None else (float(units[0]), units[1])
+        if isinstance(u_d, torch.Tensor):
+            u_d = u_d.detach().to(torch.float64).cpu()
+        # per-expert units (a tensor u_d) would leak the imbalance into the common mode:
+        # re-centre after scaling, so mean_i ε'_i stays the budget error
+        balance_N = (u_d / u_b) * imbalance_N
+        balance_N = balance_N - balance_N.mean()
+        eps_N = budget + g.balance_gain * balance_N  # in units of u_b
         lim = g.integral_limit
         if abs(float(budget)) < g.integral_band:
             self.integral_N = (self.integral_N + eps_N).clamp(-lim, lim)
@@ -192,15 +206,19 @@ class BiasController:
         self.prev_error_N = None if prev is None else prev.clone()
 
 
-def router_score_units(scores_TE: torch.Tensor, n_ffn: int) -> tuple[float, float]:
-    """Bias units (u_b, u_d) for a router in its current state (gain scheduling).
+def router_score_units(scores_TE: torch.Tensor, n_ffn: int) -> tuple[float, torch.Tensor]:
+    """Bias units (u_b, u_d [N]) for a router in its current state (gain scheduling).
 
     A bias step on expert i changes the choice of the tokens whose score for i lies within
     that step of the top-k boundary, so the loop gain is (bias step) / (spread of expert
     i's score over tokens). Measuring steps in that spread keeps the gain steady as the
     router goes from nearly uniform (fresh) to peaked (trained):
-        u_b = mean over all E experts of the std over tokens of s_{t,i}   (budget part)
-        u_d = the same over the N FFN experts                            (balance part)
+        u_b   = mean over all E experts of the std over tokens of s_{t,i}   (budget part)
+        u_d,i = the std over tokens of s_{t,i}, FFN expert i's own            (balance part)
+                (floored at 0.1 × its mean over FFN experts, so an expert whose score
+                barely varies still moves)
+    Per expert because spreads differ: on `small` the hottest experts' spread was 5–6x below
+    the mean, and a mean-sized step threw them between no tokens and most tokens.
     Why across tokens and not across experts: a fresh router ranks experts almost the same
     way for every token (hidden states share a large common direction), so the spread
     across experts is mostly a per-expert offset that the bias must cancel, not a margin.
@@ -208,7 +226,9 @@ def router_score_units(scores_TE: torch.Tensor, n_ffn: int) -> tuple[float, floa
     per-token spread across experts, 8 FFN experts took every token (load max/mean 8).
     """
     s = scores_TE.detach().float()
-    return float(s.std(dim=0).mean()), float(s[:, :n_ffn].std(dim=0).mean())
+    spread_E = s.std(dim=0)
+    spread_N = spread_E[:n_ffn].double()
+    return float(spread_E.mean()), spread_N.clamp_min(0.1 * float(spread_N.mean()))
 
 
 def check_target(target_ffn_experts: float, top_k: int, n_ffn: int) -> None:

@@ -58,6 +58,20 @@ def test_balance_gain_scales_only_the_differential_part() -> None:
     assert torch.allclose(deltas[0.25] - deltas[0.25].mean(), 0.25 * spread)
 
 
+def test_per_expert_units_never_leak_into_the_budget() -> None:
+    """mean_i Δb_i / u_b must stay kp · (budget error), whatever the per-expert units."""
+    N, Z, K, Ke, T, kp = 4, 2, 2, 1.5, 100, 0.7
+    counts = torch.tensor([5, 60, 30, 25])
+    u_b, u_d = 0.01, torch.tensor([0.001, 0.02, 0.005, 0.03])
+    ctl = BiasController(N, Z, K, Ke, PidGains(kp=kp, balance_gain=1.0))
+    delta = ctl.step(torch.zeros(N + Z), counts, T, (u_b, u_d))
+    budget = (Ke - counts.sum().item() / T) / Ke  # ε̄ = (K_e − FFN experts per token)/K_e
+    assert delta.mean().item() / u_b == pytest.approx(kp * budget)
+    # and each expert's differential step is (before re-centring) proportional to its own unit
+    raw = u_d.double() * (ctl.relative_error(counts, T) - budget)
+    assert torch.allclose(delta - delta.mean(), kp * (raw - raw.mean()))
+
+
 def test_integral_and_derivative_terms() -> None:
     N, Z, K, Ke, T = 2, 2, 2, 1.0, 10
     g = PidGains(kp=0.0, ki=1.0, kd=1.0, integral_band=10.0)
@@ -128,6 +142,36 @@ def test_pid_follows_a_drifting_router_closer_than_p() -> None:
         ffn, _, _ = simulate(kind, steps=300, drift=0.002)
         errors[kind] = sum(abs(v - 2.5) for v in ffn[200:]) / 100
     assert errors["pid"] < errors["p"]
+
+
+def test_per_expert_units_balance_experts_whose_scores_barely_vary() -> None:
+    """Most experts' scores barely vary over tokens, two vary 20x more (what a fresh router
+    does on `small`: the mean spread is set by a few experts). One mean-sized unit for all
+    then moves a narrow expert past every token's top-k boundary in one step, and it swings
+    between no tokens and most tokens (a limit cycle); each expert's own spread as its unit
+    does not."""
+    N, Z, K, Ke, T, steps = 8, 4, 4, 2.5, 1024, 300
+    E = N + Z
+    spread_E = torch.full((E,), 0.05)
+    spread_E[6:8] = 1.0
+    prefer_E = torch.randn(E, generator=torch.Generator().manual_seed(1)) * 0.1
+    tail_loads = {}
+    for mode in ("per_expert", "mean"):
+        bias = torch.zeros(E)
+        ctl = make_controller("pid", N, Z, K, Ke)
+        g = torch.Generator().manual_seed(4)
+        per_step = []
+        for t in range(steps):
+            scores = (torch.randn(T, E, generator=g) * spread_E + prefer_E).softmax(-1)
+            ids = torch.topk(scores + bias, K).indices
+            counts = layer_routing(ids, N, Z).tokens_per_expert[:N]
+            u_b, u_d = router_score_units(scores, N)
+            ctl.step(bias, counts, T, (u_b, u_d if mode == "per_expert" else float(u_d.mean())))
+            if t >= int(0.8 * steps):
+                per_step.append(float(counts.max()) / float(counts.double().mean()))
+        tail_loads[mode] = sum(per_step) / len(per_step)
+    assert tail_loads["per_expert"] <= 1.3, tail_loads  # 1.09 measured
+    assert tail_loads["mean"] >= 1.5, tail_loads  # 1.79 measured
 
 
 # ------------------------------------------------------------------ device-level balance loss
