@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a 4-config subset (world size 2, prefill) for CI")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per live run (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="warmup steps per live run (default 2)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of live runs per (world size, mode) group, interleaved with the references "
+                             "so drifts in machine speed hit both sides; figures pool every round (default 3)")
     parser.add_argument("--merge", nargs="+", metavar="VAL_PART", default=None,
                         help="run nothing: combine these validation dirs (matrix subsets) into -o VAL")
     parser.add_argument("--repredict", action="store_true",
@@ -43,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
         result = repredict(args.out, args.calibration)
         _print_summary(result, args.out)
         return 0
-    if args.steps < 1 or args.warmup < 0:
-        raise UsageError("--steps must be ≥ 1 and --warmup ≥ 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        raise UsageError("--steps and --repeats must be ≥ 1 and --warmup ≥ 0")
     cal = args.calibration
     if cal is None:
         cal = Path(args.out) / "cal"
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if not configs:
         raise UsageError(f"no config of the {'quick ' if args.quick else ''}matrix has mode in {sorted(modes)} "
                          f"and world size in {sorted(sizes)}")
-    result = validate(args.out, cal, quick=args.quick, steps=args.steps, warmup=args.warmup, configs=configs)
+    result = validate(args.out, cal, quick=args.quick, steps=args.steps, warmup=args.warmup, configs=configs,
+                      repeats=args.repeats)
     _print_summary(result, args.out)
     return 0
 
@@ -72,6 +76,9 @@ def _print_summary(result: dict, out: str) -> None:
 
     print(f"median |step-time error| {result['median_abs_error_pct']:.1f}%   max {result['max_abs_error_pct']:.1f}%   "
           f"({len(result['configs'])} configs, two-point per-op scaling)")
+    if result.get("median_abs_error_pct_uncorrected") is not None:
+        print(f"without the reference's measured/replayed factor: median |error| "
+              f"{result['median_abs_error_pct_uncorrected']:.1f}%   max {result['max_abs_error_pct_uncorrected']:.1f}%")
     if result.get("median_abs_error_pct_one_trace") is not None:
         print(f"one trace + cost model: median |error| {result['median_abs_error_pct_one_trace']:.1f}%   "
               f"max {result['max_abs_error_pct_one_trace']:.1f}%")

@@ -1,11 +1,14 @@
 """Validation against live runs: predict configs from the calibration and one reference
 trace per (world size, mode), run them live, compare.
 
-    validate(out_dir, calibration, quick=False) -> the validation.json object
+    validate(out_dir, calibration, quick=False, repeats=3) -> the validation.json object
 
-For every (world size, mode) of the matrix two reference runs are captured, sequential
+For every (world size, mode) of the matrix two references are captured, sequential
 schedule, at sizes that are not in the matrix (REFERENCE_SIZE, SECOND_REFERENCE_SIZE).
-Each matrix config is then predicted without its own trace, two ways:
+The group's references and configs run in `repeats` rounds, interleaved (serpentine
+order), into VAL/runs/NAME/rep{k}: this 2-core VM's speed drifts by tens of percent within
+a minute, so what is compared must be measured in the same minutes, and each figure pools
+every step of every round. Each matrix config is predicted without its own runs, two ways:
     two-point (reported as predicted_step_us): base reference → step_graph (one graph per
         measured step, waiting removed) → every op's duration, host gap and payload moved
         along its own slope through the two references (x = tokens per rank; tokens · seq
@@ -14,20 +17,22 @@ Each matrix config is then predicted without its own trace, two ways:
         attention) with a cost model fitted on its own ops over the calibration → set_schedule
 then collectives are timed by the calibrated comm model and simulator.engine replays the
 graphs on a cpu-loopback cluster (processor sharing over this machine's cores).
-and run live (traces.capture) for the measured step time (run.json step_time_us_median)
-and overlap. Overlap uses traces.overlap.compute_metrics on both sides, after marking the
+Measured: the median over the pooled steps of its live runs (traces.capture; a step lasts
+as long as its slowest rank), and the overlap of the pooled traces. Overlap uses traces.overlap.compute_metrics on both sides, after marking the
 ops that only wait for or issue collectives (`_ExchangeWait`, c10d::*) as "sync": a rank
 blocked in a wait is not computing, whichever way the trace classified it.
 
 validation.json (DESIGN.md keys + extras):
     configs → [{name, predicted_step_us, measured_step_us, error_pct, predicted_overlap_pct,
                 measured_overlap_pct, world_size, mode, schedule, batch, seq, reference,
-                measured_step_us_min, measured_step_us_max, load_1min, method,
+                measured_step_us_min, measured_step_us_max, measured_steps, repeats,
+                measured_step_us_per_repeat, load_1min, method,
                 predicted_step_us_one_trace, error_pct_one_trace, predicted_overlap_pct_one_trace}]
     median_abs_error_pct, max_abs_error_pct, (same)_one_trace, overlap_max_abs_diff_pts
     (world size > 1; _all includes world size 1), overlap_median_abs_diff_pts,
     speedups → [{name, predicted, measured, diff_pts}] (sequential / shortcut step time),
-    references → [{name, run_dir, measured_step_us, replayed_step_us}], calibration, quick
+    references → [{name, run_dirs, measured_step_us, replayed_step_us}], calibration, quick,
+    steps, warmup, repeats
 """
 
 from __future__ import annotations
@@ -119,6 +124,43 @@ def live_ops(run_dir: Path) -> pa.Table:
     return parse_traces(trace_files(run_dir))
 
 
+def rep_dirs(runs: Path, name: str) -> list[Path]:
+    """The run dirs of one config: runs/NAME/rep0, rep1, ... (or runs/NAME itself, as
+    validation dirs written before repeats existed hold it)."""
+    base = runs / name
+    reps = sorted((d for d in base.glob("rep*") if d.is_dir()), key=lambda d: int(d.name[3:]) if d.name[3:].isdigit() else -1)
+    return reps or [base]
+
+
+def pooled_ops(tables: list[pa.Table]) -> pa.Table:
+    """Ops of several runs of one config as one table: ids (and the deps naming them) and
+    step numbers are shifted so that no two runs share any, so step_graph sees every step
+    of every run."""
+    import pyarrow.compute as pc
+
+    if len(tables) == 1:
+        return tables[0]
+    parts, id_offset, step_offset = [], 0, 0
+    for t in tables:
+        ids = t.column("id").to_numpy()
+        steps = t.column("step").to_numpy()
+        deps = t.column("deps").combine_chunks()
+        shifted = pa.ListArray.from_arrays(deps.offsets, pc.add(deps.flatten(), pa.scalar(id_offset, pa.int64())))
+        t = t.set_column(t.schema.get_field_index("id"), "id", pa.array(ids + id_offset, type=pa.int64()))
+        t = t.set_column(t.schema.get_field_index("deps"), "deps", shifted.cast(t.schema.field("deps").type))
+        t = t.set_column(t.schema.get_field_index("step"), "step",
+                         pa.array(np.where(steps >= 0, steps + step_offset, steps), type=t.schema.field("step").type))
+        parts.append(t)
+        id_offset += int(ids.max()) + 1 if ids.size else 0
+        step_offset += int(steps.max()) + 1 if steps.size and steps.max() >= 0 else 0
+    return pa.concat_tables(parts)
+
+
+def pooled_steps_us(runs: list[dict]) -> list[float]:
+    """Every measured step of the runs (a step lasts as long as its slowest rank)."""
+    return [max(ts) for run in runs for ts in zip(*run["step_times_us"].values())]
+
+
 def mark_sync(ops: pa.Table) -> pa.Table:
     """Ops that only issue or wait for collectives → kind "sync" (see module docstring)."""
     names = ops.column("name").to_pylist()
@@ -150,17 +192,29 @@ class Reference:
     measured_step_us: float
     scaling: OpScaling | None = None
     scaling_error: str = ""
+    replayed_step_us: float | None = None  # the reference's own graphs replayed (median)
+
+    @property
+    def replay_factor(self) -> float:
+        """measured / replayed step time of the reference itself: what the replay misses
+        on this machine (contention it does not model), carried to every prediction of the
+        group. 1 until the reference has been replayed."""
+        if not self.replayed_step_us:
+            return 1.0
+        return self.measured_step_us / self.replayed_step_us
 
 
-def build_reference(cfg: LiveConfig, run_dir: Path, base: CostModel, measured_step_us: float,
-                    second: tuple[LiveConfig, Path] | None = None) -> Reference:
-    ops = attach_work(live_ops(run_dir), run_dir)
+
+def build_reference(cfg: LiveConfig, run_dirs: list[Path], base: CostModel, measured_step_us: float,
+                    second: tuple[LiveConfig, list[Path]] | None = None) -> Reference:
+    """The reference of a group from all its runs (every step of every repeat)."""
+    ops = pooled_ops([attach_work(live_ops(d), d) for d in run_dirs])
     ref = Reference(cfg, step_graph(ops, per_step=True), fit_from_ops(ops, base), measured_step_us)
     if second is not None:
-        cfg_b, dir_b = second
+        cfg_b, dirs_b = second
         try:
             ref.scaling = fit_two_point(step_graph(ops), cfg.tokens_per_rank, cfg.seq,
-                                        step_graph(live_ops(dir_b)), cfg_b.tokens_per_rank, cfg_b.seq)
+                                        step_graph(pooled_ops([live_ops(d) for d in dirs_b])), cfg_b.tokens_per_rank, cfg_b.seq)
         except SimulationError as err:
             ref.scaling_error = str(err)
     return ref
@@ -183,10 +237,15 @@ def predict_graphs(ref: Reference, cfg: LiveConfig, method: str = "two-point") -
     return [set_schedule(g, cfg.schedule) for g in moved]
 
 
+MAX_REPLAYED_STEPS = 24  # replays per prediction: evenly spread over the reference's pooled steps
+
+
 def simulate_steps(graphs: list[StepGraph], comm: CommModel, cores: int, slow_under_comm: bool = False
                    ) -> tuple[float, float | None, float]:
     """Median replayed step time (µs), mean overlap % and the fastest replayed step (µs)
-    over the per-step graphs."""
+    over the per-step graphs (at most MAX_REPLAYED_STEPS of them, evenly spaced)."""
+    if len(graphs) > MAX_REPLAYED_STEPS:
+        graphs = [graphs[i] for i in np.linspace(0, len(graphs) - 1, MAX_REPLAYED_STEPS).round().astype(int)]
     results = [simulate_graph(g, comm, cores, slow_under_comm)[:2] for g in graphs]
     overlaps = [ov for _, ov in results if ov is not None]
     times = [t for t, _ in results]
@@ -234,8 +293,9 @@ def _err(pred: float, meas: float) -> float:
 
 def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: bool = False, steps: int = 5,
              warmup: int = 2, cores: int | None = None, configs: list[LiveConfig] | None = None,
-             log=print) -> dict:
-    """Capture references and the matrix live, predict each config, write VAL/validation.json."""
+             log=print, repeats: int = 3) -> dict:
+    """Capture references and the matrix live (`repeats` rounds), predict each config from
+    its group's references, write VAL/validation.json."""
     from traces.rundir import VALIDATION_JSON, write_json_atomic
 
     cal, compute_model, comm_model = load_calibration(calibration, backend="gloo")
@@ -245,6 +305,8 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
         raise SimulationError(
             f"{calibration}: calibrated for world size {cal['world_size']}, the matrix needs {needed_ws}; "
             f"run `moesim calibrate --backend gloo --world-size {needed_ws} -o {calibration}`")
+    if repeats < 1:
+        raise SimulationError(f"repeats: must be at least 1, got {repeats}")
     cores = cores or os.cpu_count() or 1
     out = Path(out_dir)
     runs = out / "runs"
@@ -252,59 +314,87 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
     t0 = time.time()
     ref_rows: list[dict] = []
     rows: list[dict] = []
-    # Group by (world size, mode): references first, then that group's configs, so the live
-    # runs compared with a reference are minutes apart, not the whole matrix apart (the
-    # shared machine's speed drifts by 2x within half an hour).
+    # Per (world size, mode) group: `repeats` rounds, each running the group's two
+    # references and its configs once, in serpentine order (forwards, then backwards). The
+    # machine's speed drifts by tens of percent over a minute (README), so a config and the
+    # references it is predicted from are measured interleaved, in the same minutes, and
+    # every figure pools all rounds. Predictions read only the references' runs.
     for key in sorted({(c.world_size, c.mode) for c in configs}):
         rcfg = reference_of(LiveConfig(key[0], key[1], "sequential", 0, 0))
         rcfg_b = reference_of(rcfg, second=True)
-        # references run twice the steps: every prediction of the group leans on them
-        run = capture_live(rcfg, runs / f"ref-{rcfg.name}", 2 * steps, warmup)
-        run_b = capture_live(rcfg_b, runs / f"ref-{rcfg_b.name}", 2 * steps, warmup)
-        ref = build_reference(rcfg, runs / f"ref-{rcfg.name}", compute_model, run["step_time_us_median"],
-                              (rcfg_b, runs / f"ref-{rcfg_b.name}"))
-        replay_us, _, _ = simulate_steps(ref.graphs, comm_model, cores)
-        for c, r in ((rcfg, run), (rcfg_b, run_b)):
-            ref_rows.append({"name": c.name, "run_dir": str(runs / f"ref-{c.name}"),
-                             "measured_step_us": r["step_time_us_median"], "load_1min": r["load_1min"]})
-        ref_rows[-2].update({"replayed_step_us": replay_us, "steps_used": len(ref.graphs),
-                             "two_point": ref.scaling is not None, "two_point_error": ref.scaling_error})
-        log(f"reference {rcfg.name}: measured {run['step_time_us_median'] / 1e3:.1f} ms, "
-            f"replayed {replay_us / 1e3:.1f} ms (load {run['load_1min']}); second point {rcfg_b.name}: "
-            f"{run_b['step_time_us_median'] / 1e3:.1f} ms" + (f"; two-point fit failed: {ref.scaling_error}" if ref.scaling_error else ""))
-        for cfg in (c for c in configs if (c.world_size, c.mode) == key):
-            rows.append(_predict_and_measure(cfg, ref, comm_model, cores, runs, steps, warmup, log))
+        group = [rcfg, rcfg_b] + [c for c in configs if (c.world_size, c.mode) == key]
+        live: dict[LiveConfig, list[dict]] = {c: [] for c in group}
+        for rep in range(repeats):
+            for c in (group if rep % 2 == 0 else group[::-1]):
+                # references run twice the steps: every prediction of the group leans on them
+                n = 2 * steps if c in (rcfg, rcfg_b) else steps
+                live[c].append(capture_live(c, runs / _run_name(c, rcfg, rcfg_b) / f"rep{rep}", n, warmup, seed=rep))
+            log(f"round {rep + 1}/{repeats} of {key[0]} rank(s), {key[1]}: {len(group)} live runs "
+                f"(load {live[group[-1]][-1]['load_1min']}, {time.time() - t0:.0f} s)")
+        ref_rows += _group_rows(runs, rcfg, rcfg_b, live, compute_model, comm_model, cores, log)
+        ref = ref_rows[-1].pop("_ref")
+        for cfg in group[2:]:
+            rows.append(_predict_and_measure(cfg, ref, comm_model, cores, runs, live[cfg], log))
     result = summarise(rows)
     result.update({"references": ref_rows, "calibration": str(calibration), "quick": quick, "preset": PRESET,
-                   "steps": steps, "warmup": warmup, "cores": cores, "wall_s": round(time.time() - t0, 1)})
+                   "steps": steps, "warmup": warmup, "repeats": repeats, "cores": cores,
+                   "wall_s": round(time.time() - t0, 1)})
     write_json_atomic(out / VALIDATION_JSON, result)
     write_table(out / "validation.md", result)
     return result
 
 
-def _predict_and_measure(cfg: LiveConfig, ref: Reference, comm_model: CommModel, cores: int, runs: Path,
-                         steps: int, warmup: int, log, capture: bool = True) -> dict:
-    """Predict `cfg` from `ref` (before it runs), run it live (or, capture=False, read the
-    run already in runs/), compare: one validation row."""
-    pred_us, pred_ov, pred_min = simulate_steps(predict_graphs(ref, cfg, "two-point"), comm_model, cores)
-    one_us, one_ov, _ = simulate_steps(predict_graphs(ref, cfg, "one-trace"), comm_model, cores)
-    run_dir = runs / cfg.name
-    if capture:
-        run = capture_live(cfg, run_dir, steps, warmup)
-    else:
-        from traces.rundir import read_run_json
+def _run_name(c: LiveConfig, rcfg: LiveConfig, rcfg_b: LiveConfig) -> str:
+    return f"ref-{c.name}" if c in (rcfg, rcfg_b) else c.name
 
-        run = read_run_json(run_dir)
-    meas_us = run["step_time_us_median"]
-    meas_ov = measured_overlap_pct(live_ops(run_dir))
-    per_step = [max(ts) for ts in zip(*run["step_times_us"].values())]
+
+def _group_rows(runs: Path, rcfg: LiveConfig, rcfg_b: LiveConfig, live: dict, compute_model: CostModel,
+                comm_model: CommModel, cores: int, log) -> list[dict]:
+    """Build the group's Reference from its runs; rows for validation.json `references`
+    (the last carries the Reference under "_ref")."""
+    dirs = rep_dirs(runs, f"ref-{rcfg.name}")
+    dirs_b = rep_dirs(runs, f"ref-{rcfg_b.name}")
+    meas = statistics.median(pooled_steps_us(live[rcfg]))
+    meas_b = statistics.median(pooled_steps_us(live[rcfg_b]))
+    ref = build_reference(rcfg, dirs, compute_model, meas, (rcfg_b, dirs_b))
+    replay_us, _, _ = simulate_steps(ref.graphs, comm_model, cores)
+    ref.replayed_step_us = replay_us
+    log(f"reference {rcfg.name}: measured {meas / 1e3:.1f} ms, replayed {replay_us / 1e3:.1f} ms "
+        f"({len(ref.graphs)} steps); second point {rcfg_b.name}: {meas_b / 1e3:.1f} ms"
+        + (f"; two-point fit failed: {ref.scaling_error}" if ref.scaling_error else ""))
+    loads = lambda runs_: [r.get("load_1min") for r in runs_]  # noqa: E731
+    return [
+        {"name": rcfg_b.name, "run_dirs": [str(d) for d in dirs_b], "measured_step_us": meas_b,
+         "load_1min": loads(live[rcfg_b])},
+        {"name": rcfg.name, "run_dirs": [str(d) for d in dirs], "measured_step_us": meas, "load_1min": loads(live[rcfg]),
+         "replayed_step_us": replay_us, "steps_used": len(ref.graphs), "two_point": ref.scaling is not None,
+         "two_point_error": ref.scaling_error, "_ref": ref},
+    ]
+
+
+def _predict_and_measure(cfg: LiveConfig, ref: Reference, comm_model: CommModel, cores: int, runs: Path,
+                         live: list[dict], log) -> dict:
+    """Predict `cfg` from `ref` (which never holds cfg's runs) and compare with its live
+    runs (`live`: their run.json objects, one per repeat): one validation row."""
+    raw_us, pred_ov, raw_min = simulate_steps(predict_graphs(ref, cfg, "two-point"), comm_model, cores)
+    raw_one_us, one_ov, _ = simulate_steps(predict_graphs(ref, cfg, "one-trace"), comm_model, cores)
+    factor = ref.replay_factor
+    pred_us, pred_min, one_us = raw_us * factor, raw_min * factor, raw_one_us * factor
+    per_step = pooled_steps_us(live)
+    meas_us = statistics.median(per_step)
+    meas_ov = measured_overlap_pct(pooled_ops([live_ops(d) for d in rep_dirs(runs, cfg.name)]))
+    loads = [r.get("load_1min") for r in live if r.get("load_1min") is not None]
     row = {
         "name": cfg.name, "predicted_step_us": pred_us, "measured_step_us": meas_us,
         "error_pct": _err(pred_us, meas_us), "predicted_overlap_pct": pred_ov, "measured_overlap_pct": meas_ov,
         **asdict(cfg), "reference": reference_of(cfg).name,
+        "predicted_step_us_uncorrected": raw_us, "error_pct_uncorrected": _err(raw_us, meas_us),
+        "reference_replay_factor": factor,
         "measured_step_us_min": min(per_step), "measured_step_us_max": max(per_step),
+        "measured_steps": len(per_step), "repeats": len(live),
+        "measured_step_us_per_repeat": [statistics.median(pooled_steps_us([r])) for r in live],
         "predicted_step_us_fastest": pred_min, "error_pct_fastest": _err(pred_min, min(per_step)),
-        "load_1min": run.get("load_1min"),
+        "load_1min": round(statistics.mean(loads), 2) if loads else None,
         "method": "two-point" if ref.scaling is not None else "one-trace",
         "predicted_step_us_one_trace": one_us, "error_pct_one_trace": _err(one_us, meas_us),
         "predicted_overlap_pct_one_trace": one_ov,
@@ -326,21 +416,24 @@ def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores:
     cores = cores or old.get("cores") or os.cpu_count() or 1
     runs = out / "runs"
     configs = [LiveConfig(c["world_size"], c["mode"], c["schedule"], c["batch"], c["seq"]) for c in old["configs"]]
+    old_loads = {c["name"]: [c.get("load_1min")] * (c.get("repeats") or 1) for c in old["configs"]}
     rows, ref_rows = [], []
     for key in sorted({(c.world_size, c.mode) for c in configs}):
         rcfg = reference_of(LiveConfig(key[0], key[1], "sequential", 0, 0))
         rcfg_b = reference_of(rcfg, second=True)
-        run = read_run_json(runs / f"ref-{rcfg.name}")
-        ref = build_reference(rcfg, runs / f"ref-{rcfg.name}", compute_model, run["step_time_us_median"],
-                              (rcfg_b, runs / f"ref-{rcfg_b.name}"))
-        replay_us, _, _ = simulate_steps(ref.graphs, comm_model, cores)
-        ref_rows.append({"name": rcfg.name, "measured_step_us": run["step_time_us_median"], "replayed_step_us": replay_us,
-                         "two_point": ref.scaling is not None, "two_point_error": ref.scaling_error})
-        for cfg in (c for c in configs if (c.world_size, c.mode) == key):
-            rows.append(_predict_and_measure(cfg, ref, comm_model, cores, runs, 0, 0, log, capture=False))
+        group = [rcfg, rcfg_b] + [c for c in configs if (c.world_size, c.mode) == key]
+        live = {c: [read_run_json(d) for d in rep_dirs(runs, _run_name(c, rcfg, rcfg_b))] for c in group}
+        ref_rows += _group_rows(runs, rcfg, rcfg_b, live, compute_model, comm_model, cores, log)
+        ref = ref_rows[-1].pop("_ref")
+        for cfg in group[2:]:
+            # run.json keeps no load: carry the one the capture recorded
+            for run, load in zip(live[cfg], old_loads.get(cfg.name) or []):
+                run.setdefault("load_1min", load)
+            rows.append(_predict_and_measure(cfg, ref, comm_model, cores, runs, live[cfg], log))
     result = summarise(rows)
     result.update({"references": ref_rows, "calibration": str(calibration), "quick": old.get("quick"), "preset": PRESET,
-                   "steps": old.get("steps"), "warmup": old.get("warmup"), "cores": cores, "repredicted": True})
+                   "steps": old.get("steps"), "warmup": old.get("warmup"), "repeats": old.get("repeats", 1),
+                   "cores": cores, "repredicted": True})
     write_json_atomic(out / VALIDATION_JSON, result)
     write_table(out / "validation.md", result)
     return result
@@ -369,10 +462,13 @@ def summarise(rows: list[dict]) -> dict:
                              "diff_pts": 100 * (pred - meas)})
     one = [abs(r["error_pct_one_trace"]) for r in rows if r.get("error_pct_one_trace") is not None]
     fastest = [abs(r["error_pct_fastest"]) for r in rows if r.get("error_pct_fastest") is not None]
+    raw = [abs(r["error_pct_uncorrected"]) for r in rows if r.get("error_pct_uncorrected") is not None]
     return {
         "configs": rows,
         "median_abs_error_pct_fastest": statistics.median(fastest) if fastest else None,
         "max_abs_error_pct_fastest": max(fastest) if fastest else None,
+        "median_abs_error_pct_uncorrected": statistics.median(raw) if raw else None,
+        "max_abs_error_pct_uncorrected": max(raw) if raw else None,
         "median_abs_error_pct_one_trace": statistics.median(one) if one else None,
         "max_abs_error_pct_one_trace": max(one) if one else None,
         "median_abs_error_pct": statistics.median(errs) if errs else None,

@@ -5,7 +5,9 @@ import json
 import pytest
 
 from moesim.cli import main
-from simulator.validate import REFERENCE_SIZE, LiveConfig, mark_sync, matrix, reference_of, summarise
+from simulator.validate import (
+    REFERENCE_SIZE, LiveConfig, mark_sync, matrix, pooled_ops, pooled_steps_us, reference_of, summarise,
+)
 from traces.schema import make_ops
 
 
@@ -49,6 +51,25 @@ def test_mark_sync_only_touches_exchange_ops():
     assert mark_sync(ops).column("kind").to_pylist() == ["sync", "sync", "compute"]
 
 
+def test_pooled_ops_keep_every_run_apart():
+    """Two runs of one config, both numbered from id 0 and step 0: pooled, every op keeps its
+    own deps and every step stays a step of its own."""
+    def run(offset):
+        return make_ops({"id": [0, 1, 2], "rank": [0, 0, 0], "lane": ["cpu:main"] * 3, "kind": ["compute"] * 3,
+                         "name": ["a", "b", "c"], "start_us": [0.0 + offset, 1.0 + offset, 2.0 + offset],
+                         "dur_us": [1.0, 1.0, 1.0], "step": [0, 0, 1], "deps": [[], [0], [0, 1]]})
+
+    pooled = pooled_ops([run(0), run(100)]).to_pylist()
+    assert len({r["id"] for r in pooled}) == 6
+    by_id = {r["id"]: r for r in pooled}
+    for r in pooled:  # a dep names an op of the same run, as before pooling
+        assert all(by_id[d]["start_us"] // 100 == r["start_us"] // 100 for d in r["deps"])
+    assert [by_id[d]["name"] for d in pooled[5]["deps"]] == ["a", "b"]
+    assert sorted({r["step"] for r in pooled}) == [0, 1, 2, 3]
+    runs = [{"step_times_us": {"0": [10.0, 30.0], "1": [20.0, 5.0]}}, {"step_times_us": {"0": [7.0]}}]
+    assert pooled_steps_us(runs) == [20.0, 30.0, 7.0]  # a step lasts as long as its slowest rank
+
+
 def test_validate_refuses_a_calibration_for_another_backend(tmp_path, capsys):
     from simulator.calibrate import fit_calibration, write_calibration
 
@@ -67,7 +88,7 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     cal = tmp_path / "CAL"
     assert main(["calibrate", "--world-size", "2", "-o", str(cal), "--comm-reps", "5", "--compute-reps", "3"]) == 0
     assert main(["validate", "--quick", "--calibration", str(cal), "-o", str(tmp_path / "VAL"),
-                 "--steps", "4", "--warmup", "1"]) == 0
+                 "--steps", "4", "--warmup", "1", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "median |step-time error|" in out
     val = json.loads((tmp_path / "VAL" / "validation.json").read_text())
