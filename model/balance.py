@@ -151,7 +151,7 @@ class BiasController:
     @torch.no_grad()
     def step(
         self, bias_E: torch.Tensor, ffn_counts_N: torch.Tensor, n_tokens: int,
-        units: tuple[float, float] | None = None,
+        units: tuple[float, float | torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Update bias_E[:N] in place from one step's FFN-expert token counts; returns Δb [N].
 
@@ -176,6 +176,9 @@ class BiasController:
         u_b, u_d = (uniform, uniform) if units is None else (float(units[0]), units[1])
         if isinstance(u_d, torch.Tensor):
             u_d = u_d.detach().to(torch.float64).cpu()
+            if u_d.numel() != self.n_ffn:
+                raise ConfigError(f"units: the balance unit needs one entry per FFN expert ({self.n_ffn}), got {u_d.numel()}")
+            u_d = u_d.reshape(self.n_ffn)
         # per-expert units (a tensor u_d) would leak the imbalance into the common mode:
         # re-centre after scaling, so mean_i ε'_i stays the budget error
         balance_N = (u_d / u_b) * imbalance_N

@@ -14,9 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a 4-config subset (world size 2, prefill) for CI")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per live run (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="warmup steps per live run (default 2)")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=None,
                         help="rounds of live runs per (world size, mode) group, interleaved with the references "
                              "so drifts in machine speed hit both sides; figures pool every round (default 3)")
+    parser.add_argument("--speedup-pairs", type=int, default=12,
+                        help="per size, one extra live run alternating the schedules step by step for the measured "
+                             "shortcut speedup: this many pairs (default 12; 0 = skip)")
     parser.add_argument("--merge", nargs="+", metavar="VAL_PART", default=None,
                         help="run nothing: combine these validation dirs (matrix subsets) into -o VAL")
     parser.add_argument("--repredict", action="store_true",
@@ -32,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from simulator.calibrate import calibrate, calibration_path, write_calibration
     from simulator.validate import validate
 
+    if args.repeats is not None and (args.merge or args.repredict):
+        raise UsageError("--repeats: --merge and --repredict run nothing live; they use the runs already in VAL")
+    repeats = 3 if args.repeats is None else args.repeats
     if args.merge:
         from simulator.validate import merge
 
@@ -46,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         result = repredict(args.out, args.calibration)
         _print_summary(result, args.out)
         return 0
-    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
-        raise UsageError("--steps and --repeats must be ≥ 1 and --warmup ≥ 0")
+    if args.steps < 1 or args.warmup < 0 or repeats < 1 or args.speedup_pairs < 0:
+        raise UsageError("--steps and --repeats must be ≥ 1, --warmup and --speedup-pairs ≥ 0")
     cal = args.calibration
     if cal is None:
         cal = Path(args.out) / "cal"
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"no config of the {'quick ' if args.quick else ''}matrix has mode in {sorted(modes)} "
                          f"and world size in {sorted(sizes)}")
     result = validate(args.out, cal, quick=args.quick, steps=args.steps, warmup=args.warmup, configs=configs,
-                      repeats=args.repeats)
+                      repeats=repeats, speedup_pairs=args.speedup_pairs)
     _print_summary(result, args.out)
     return 0
 
@@ -89,5 +95,8 @@ def _print_summary(result: dict, out: str) -> None:
         print(f"overlap |predicted - measured| (world size > 1): median {result['overlap_median_abs_diff_pts']:.1f} pts, "
               f"max {result['overlap_max_abs_diff_pts']:.1f} pts")
     for s in result["speedups"]:
-        print(f"shortcut speedup {s['name']}: predicted {s['predicted']:.3f}  measured {s['measured']:.3f}  ({s['diff_pts']:+.1f} pts)")
+        alt = (f"; alternating in one run {s['measured_alternating']:.3f} ({s['diff_pts_alternating']:+.1f} pts)"
+               if "measured_alternating" in s else "")
+        print(f"shortcut speedup {s['name']}: predicted {s['predicted']:.3f}  measured {s['measured']:.3f}  "
+              f"({s['diff_pts']:+.1f} pts){alt}")
     print(f"wrote {Path(out) / 'validation.json'}")

@@ -354,6 +354,54 @@ def capture(spec: CaptureSpec) -> Path:
     return out_dir
 
 
+def barrier_timed_step(workload: "Workload") -> float:
+    """One step started by all ranks together (untimed preparation, then a barrier); its
+    duration on this rank in µs. Steps timed this way carry no lag from the step before."""
+    import torch.distributed as dist
+
+    workload.begin_step(measured=False)
+    dist.barrier()
+    start = time.perf_counter_ns()
+    workload.step()
+    return (time.perf_counter_ns() - start) / 1e3
+
+
+def _alternating_schedules_rank(rank: int, world_size: int, device: Any, spec: CaptureSpec, pairs: int,
+                                out: str) -> None:
+    import torch.distributed as dist
+
+    workload = build_workload(spec, rank, world_size, device)
+    ep = workload.model.expert_parallel
+    for _ in range(spec.warmup):
+        barrier_timed_step(workload)
+    times: dict[str, list[float]] = {s: [] for s in SCHEDULES}
+    for i in range(2 * pairs):
+        ep.schedule = SCHEDULES[(i + i // 2) % 2]  # A B B A A B …: neither always runs first
+        times[ep.schedule].append(barrier_timed_step(workload))
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, times)
+    if rank == 0:  # a step lasts as long as its slowest rank
+        per_step = {k: [max(ts) for ts in zip(*(g[k] for g in gathered))] for k in times}
+        Path(out).write_text(json.dumps(per_step))
+
+
+def alternating_schedules(spec: CaptureSpec, pairs: int) -> dict[str, list[float]]:
+    """One live run of `spec` (its schedule ignored) that alternates the sequential and
+    shortcut schedules step by step, `pairs` steps of each after `spec.warmup`, profiler
+    off: {"sequential": [µs...], "shortcut": [µs...]}, step k of each forming pair k. Both
+    sides of each pair see the same machine, however its speed drifts, so the ratio of a
+    pair is far steadier than the ratio of two separate runs' medians."""
+    import tempfile
+
+    validate_spec(spec)
+    with tempfile.TemporaryDirectory(prefix="moesim-alternating-") as tmp:
+        out = Path(tmp) / "alternating.json"
+        spawn_ranks(_alternating_schedules_rank, spec.world_size, (spec, pairs, str(out)),
+                    backend=resolve_backend(spec.backend), timeout_s=spec.timeout_s, status_dir=tmp,
+                    threads=spec.threads)
+        return json.loads(out.read_text())
+
+
 def _check_model_fits(spec: CaptureSpec) -> None:
     """Model-level argument checks, in the parent, so they fail before anything spawns."""
     from model.config import LongcatConfig

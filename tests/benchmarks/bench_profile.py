@@ -113,17 +113,13 @@ def _interleaved(rank: int, world: int, device, spec: CaptureSpec, pairs: int, o
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from traces.capture import build_workload
+    from traces.capture import barrier_timed_step, build_workload
 
     workload = build_workload(spec, rank, world, device)
     ep = workload.model.expert_parallel
 
     def timed_step() -> float:
-        workload.begin_step(measured=False)
-        dist.barrier()
-        start = time.perf_counter_ns()
-        workload.step()
-        return (time.perf_counter_ns() - start) / 1e3
+        return barrier_timed_step(workload)
 
     for _ in range(spec.warmup):
         timed_step()

@@ -72,6 +72,12 @@ def test_per_expert_units_never_leak_into_the_budget() -> None:
     assert torch.allclose(delta - delta.mean(), kp * (raw - raw.mean()))
 
 
+def test_per_expert_units_of_the_wrong_length_are_a_config_error() -> None:
+    ctl = BiasController(4, 2, 2, 1.5, PidGains(kp=0.5))
+    with pytest.raises(ConfigError, match="one entry per FFN expert"):
+        ctl.step(torch.zeros(6), torch.tensor([5, 60, 30, 25]), 100, (0.01, torch.ones(3)))
+
+
 def test_integral_and_derivative_terms() -> None:
     N, Z, K, Ke, T = 2, 2, 2, 1.0, 10
     g = PidGains(kp=0.0, ki=1.0, kd=1.0, integral_band=10.0)

@@ -6,7 +6,7 @@ import pytest
 
 from moesim.cli import main
 from simulator.validate import (
-    REFERENCE_SIZE, LiveConfig, mark_sync, matrix, pooled_ops, pooled_steps_us, reference_of, summarise,
+    REFERENCE_SIZE, LiveConfig, mark_sync, matrix, pooled_ops, pooled_steps_us, reference_of, rep_dirs, summarise,
 )
 from traces.schema import make_ops
 
@@ -42,6 +42,10 @@ def test_summary_errors_and_speedups():
     (sp,) = s["speedups"]  # only (w2, b4, t32) has both schedules
     assert sp["predicted"] == pytest.approx(1.1) and sp["measured"] == pytest.approx(1.0)
     assert sp["diff_pts"] == pytest.approx(10.0)
+    assert "measured_alternating" not in sp and s["speedup_max_abs_diff_pts_alternating"] is None
+    rows[1]["measured_speedup_alternating"] = 1.04  # the one-run, step-by-step measurement
+    (sp,) = summarise(rows)["speedups"]
+    assert sp["measured_alternating"] == 1.04 and sp["diff_pts_alternating"] == pytest.approx(100 * (1.1 - 1.04))
 
 
 def test_mark_sync_only_touches_exchange_ops():
@@ -70,6 +74,20 @@ def test_pooled_ops_keep_every_run_apart():
     assert pooled_steps_us(runs) == [20.0, 30.0, 7.0]  # a step lasts as long as its slowest rank
 
 
+def test_rep_dirs_in_round_order_and_the_old_layout(tmp_path):
+    for k in (0, 2, 10, 1):
+        (tmp_path / "cfg" / f"rep{k}").mkdir(parents=True)
+    assert [d.name for d in rep_dirs(tmp_path, "cfg")] == ["rep0", "rep1", "rep2", "rep10"]
+    (tmp_path / "old").mkdir()  # a validation dir from before repeats: the run dir itself
+    assert rep_dirs(tmp_path, "old") == [tmp_path / "old"]
+
+
+def test_repeats_with_repredict_is_a_usage_error(tmp_path, capsys):
+    assert main(["validate", "--repredict", "--repeats", "2", "--calibration", "C", "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--repeats" in err[0]
+
+
 def test_validate_refuses_a_calibration_for_another_backend(tmp_path, capsys):
     from simulator.calibrate import fit_calibration, write_calibration
 
@@ -88,7 +106,7 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     cal = tmp_path / "CAL"
     assert main(["calibrate", "--world-size", "2", "-o", str(cal), "--comm-reps", "5", "--compute-reps", "3"]) == 0
     assert main(["validate", "--quick", "--calibration", str(cal), "-o", str(tmp_path / "VAL"),
-                 "--steps", "4", "--warmup", "1", "--repeats", "2"]) == 0
+                 "--steps", "4", "--warmup", "1", "--repeats", "2", "--speedup-pairs", "4"]) == 0
     out = capsys.readouterr().out
     assert "median |step-time error|" in out
     val = json.loads((tmp_path / "VAL" / "validation.json").read_text())
@@ -107,6 +125,8 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     assert all(c["predicted_step_us"] / c["measured_step_us"] < 3 and c["measured_step_us"] / c["predicted_step_us"] < 3
                for c in val["configs"]), errors
     assert (tmp_path / "VAL" / "validation.md").is_file()
+    # both sizes have both schedules: each also got its one-run, alternating measurement
+    assert len(val["speedups"]) == 2 and all(0.5 < s["measured_alternating"] < 2 for s in val["speedups"])
 
 
 def test_merge_recomputes_the_summary(tmp_path, capsys):
@@ -121,3 +141,13 @@ def test_merge_recomputes_the_summary(tmp_path, capsys):
     assert merged["median_abs_error_pct"] == pytest.approx(6.0) and merged["max_abs_error_pct"] == pytest.approx(10.0)
     assert merged["speedups"][0]["measured"] == pytest.approx(1.0)
     assert "median |step-time error| 6.0%" in capsys.readouterr().out
+
+
+def test_alternating_schedules_times_both_schedules_in_one_live_run(tmp_path):
+    from traces.capture import CaptureSpec, alternating_schedules
+
+    spec = CaptureSpec(out_dir=str(tmp_path), preset="tiny", world_size=2, schedule="sequential", mode="prefill",
+                       batch=2, seq=16, steps=3, warmup=1, backend="gloo", threads=1)
+    times = alternating_schedules(spec, pairs=3)
+    assert set(times) == {"sequential", "shortcut"}
+    assert all(len(v) == 3 and all(t > 0 for t in v) for v in times.values())
