@@ -353,8 +353,8 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
                                                         speedup_pairs, warmup, runs)
                     log(f"alternating schedules, {key[0]} rank(s) {key[1]} b{size[0]}-t{size[1]}: sequential / shortcut "
                         f"{alternating[size]:.3f} (median of {speedup_pairs} pairs)")
-        ref_rows += _group_rows(runs, rcfg, rcfg_b, live, compute_model, comm_model, cores, log)
-        ref = ref_rows[-1].pop("_ref")
+        rows_ref, ref = _group_rows(runs, rcfg, rcfg_b, live, compute_model, comm_model, cores, log)
+        ref_rows += rows_ref
         for cfg in group[2:]:
             rows.append(_predict_and_measure(cfg, ref, comm_model, cores, runs, live[cfg], log))
             if (cfg.batch, cfg.seq) in alternating:
@@ -385,9 +385,9 @@ def _run_name(c: LiveConfig, rcfg: LiveConfig, rcfg_b: LiveConfig) -> str:
 
 
 def _group_rows(runs: Path, rcfg: LiveConfig, rcfg_b: LiveConfig, live: dict, compute_model: CostModel,
-                comm_model: CommModel, cores: int, log) -> list[dict]:
+                comm_model: CommModel, cores: int, log) -> tuple[list[dict], Reference]:
     """Build the group's Reference from its runs; rows for validation.json `references`
-    (the last carries the Reference under "_ref")."""
+    and the Reference itself."""
     dirs = rep_dirs(runs, f"ref-{rcfg.name}")
     dirs_b = rep_dirs(runs, f"ref-{rcfg_b.name}")
     meas = statistics.median(pooled_steps_us(live[rcfg]))
@@ -404,8 +404,8 @@ def _group_rows(runs: Path, rcfg: LiveConfig, rcfg_b: LiveConfig, live: dict, co
          "load_1min": loads(live[rcfg_b])},
         {"name": rcfg.name, "run_dirs": [str(d) for d in dirs], "measured_step_us": meas, "load_1min": loads(live[rcfg]),
          "replayed_step_us": replay_us, "steps_used": len(ref.graphs), "two_point": ref.scaling is not None,
-         "two_point_error": ref.scaling_error, "_ref": ref},
-    ]
+         "two_point_error": ref.scaling_error},
+    ], ref
 
 
 def _predict_and_measure(cfg: LiveConfig, ref: Reference, comm_model: CommModel, cores: int, runs: Path,
@@ -465,8 +465,8 @@ def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores:
         for c in (rcfg, rcfg_b):
             for run, load in zip(live[c], old_ref_loads.get(c.name) or []):
                 run.setdefault("load_1min", load)
-        ref_rows += _group_rows(runs, rcfg, rcfg_b, live, compute_model, comm_model, cores, log)
-        ref = ref_rows[-1].pop("_ref")
+        rows_ref, ref = _group_rows(runs, rcfg, rcfg_b, live, compute_model, comm_model, cores, log)
+        ref_rows += rows_ref
         for cfg in group[2:]:
             # run.json keeps no load: carry the one the capture recorded
             for run, load in zip(live[cfg], old_loads.get(cfg.name) or []):
