@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+STEPS, REPEATS, QUICK_REPEATS = 4, 24, 12
 HELP = "predict live CPU runs (schedules x world sizes x sizes x modes) from the calibration and compare (writes VAL/validation.json)"
 
 
@@ -12,14 +13,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", default=None, metavar="CAL",
                         help="calibration dir or .json from `moesim calibrate` (default: VAL/cal, created when missing)")
     parser.add_argument("--quick", action="store_true", help="a 4-config subset (world size 2, prefill) for CI")
-    parser.add_argument("--steps", type=int, default=5, help="measured steps per live run (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="warmup steps per live run (default 2)")
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help=f"measured steps per visit of a config (references: twice as many) (default {STEPS})")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="warmup steps on a config's first visit (later visits: 1) (default 2)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="rounds of live runs per (world size, mode) group, interleaved with the references "
-                             "so drifts in machine speed hit both sides; figures pool every round (default 3)")
-    parser.add_argument("--speedup-pairs", type=int, default=12,
-                        help="per size, one extra live run alternating the schedules step by step for the measured "
-                             "shortcut speedup: this many pairs (default 12; 0 = skip)")
+                        help="rounds per (world size, mode) group: one set of ranks visits the group's references "
+                             "and configs once per round, so drifts in machine speed hit all of them alike; figures "
+                             f"pool every round (default {REPEATS}; --quick {QUICK_REPEATS})")
+    parser.add_argument("--speedup-pairs", type=int, default=0,
+                        help="per size, one extra live run alternating the schedules step by step, profiler off, "
+                             "for a second measured shortcut speedup: this many pairs (default 0 = skip)")
     parser.add_argument("--merge", nargs="+", metavar="VAL_PART", default=None,
                         help="run nothing: combine these validation dirs (matrix subsets) into -o VAL")
     parser.add_argument("--repredict", action="store_true",
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats is not None and (args.merge or args.repredict):
         raise UsageError("--repeats: --merge and --repredict run nothing live; they use the runs already in VAL")
-    repeats = 3 if args.repeats is None else args.repeats
+    repeats = (QUICK_REPEATS if args.quick else REPEATS) if args.repeats is None else args.repeats
     if args.merge:
         from simulator.validate import merge
 

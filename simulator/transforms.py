@@ -78,7 +78,8 @@ class StepGraph:
         return StepGraph(**{
             f.name: (getattr(self, f.name).copy() if isinstance(getattr(self, f.name), np.ndarray)
                      else [list(x) if isinstance(x, list) else x for x in getattr(self, f.name)]
-                     if isinstance(getattr(self, f.name), list) else dict(self.notes) if f.name == "notes"
+                     if isinstance(getattr(self, f.name), list)
+                     else {k: list(v) if isinstance(v, list) else v for k, v in self.notes.items()} if f.name == "notes"
                      else getattr(self, f.name))
             for f in dataclasses.fields(self)
         })

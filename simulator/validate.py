@@ -1,28 +1,31 @@
 """Validation against live runs: predict configs from the calibration and one reference
 trace per (world size, mode), run them live, compare.
 
-    validate(out_dir, calibration, quick=False, repeats=3) -> the validation.json object
+    validate(out_dir, calibration, quick=False, repeats=24) -> the validation.json object
 
 For every (world size, mode) of the matrix two references are captured, sequential
 schedule, at sizes that are not in the matrix (REFERENCE_SIZE, SECOND_REFERENCE_SIZE).
-The group's references and configs run in `repeats` rounds, interleaved (serpentine
-order), into VAL/runs/NAME/rep{k}: this 2-core VM's speed drifts by tens of percent within
-a minute, so what is compared must be measured in the same minutes, and each figure pools
-every step of every round. Each matrix config is predicted without its own runs, two ways:
+One set of ranks runs the group: `repeats` rounds, each visiting the references and the
+configs once in serpentine order, each visit its own run dir VAL/runs/NAME/rep{k}
+(traces.capture.capture_interleaved). This 2-core VM's speed drifts by tens of percent
+within a minute, so what is compared is measured in the same minutes by the same
+processes, and each figure pools every round. Each matrix config is predicted without its
+own runs, two ways:
     two-point (reported as predicted_step_us): base reference → step_graph (one graph per
         measured step, waiting removed) → every op's duration, host gap and payload moved
         along its own slope through the two references (x = tokens per rank; tokens · seq
         for attention) → set_schedule
     one-trace (predicted_step_us_one_trace): the base reference alone → scale_work (tokens,
         attention) with a cost model fitted on its own ops over the calibration → set_schedule
-then collectives are timed by the calibrated comm model and simulator.engine replays the
-graphs on a cpu-loopback cluster (processor sharing over this machine's cores), and the
-replayed step is multiplied by the reference's own measured / replayed step time
-(`Reference.replay_factor`: contention the replay does not model; the measured side is the
-median of all the reference's steps, the replayed side of those whose op sequence matched
-the common one, 44 of 48 in the README run). The unscaled prediction stays in the row.
-Measured: the median over the pooled steps of its live runs (traces.capture; a step lasts
-as long as its slowest rank), and the overlap of the pooled traces. Overlap uses traces.overlap.compute_metrics on both sides, after marking the
+then collectives are timed by the calibrated comm model plus what the same collective
+lost in the reference step beyond the model (note_insitu_comm: stalls the idle
+microbenchmark never sees), simulator.engine replays the graphs on a cpu-loopback cluster
+(processor sharing over this machine's cores), and the replayed step is multiplied by the
+measured / replayed step time of the references themselves, along the line through the two
+references' ratios (`Reference.replay_factor_at`: contention the replay does not model).
+The unscaled prediction stays in the row. Measured: the median over the pooled steps of
+its live visits (a step lasts as long as its slowest rank), and the overlap of the pooled
+traces (at most MAX_PARSED_VISITS visits). Overlap uses traces.overlap.compute_metrics on both sides, after marking the
 ops that only wait for or issue collectives (`_ExchangeWait`, c10d::*) as "sync": a rank
 blocked in a wait is not computing, whichever way the trace classified it.
 
@@ -39,9 +42,9 @@ validation.json (DESIGN.md keys + extras):
     speedups → [{name, predicted, measured, diff_pts, measured_alternating, diff_pts_alternating}]
     (sequential / shortcut step time; "alternating": one extra live run per size that switches
     schedule every step, barrier-aligned, profiler off, median of the pairs' ratios:
-    `--speedup-pairs` pairs; the run-median ratio of two separate configs is kept as "measured"),
-    references → [{name, run_dirs, measured_step_us, replayed_step_us, load_1min (one per
-    repeat)}], calibration, quick,
+    `--speedup-pairs` pairs, default none; "measured" is the ratio of the two configs' medians),
+    references → [{name, run_dirs, measured_step_us, replayed_step_us, second_replayed_step_us,
+    steps_used, steps_replayed, load_1min (one per repeat)}], calibration, quick,
     steps, warmup, repeats
 """
 
@@ -51,6 +54,7 @@ import os
 import shutil
 import statistics
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,26 +110,41 @@ def reference_of(cfg: LiveConfig, second: bool = False) -> LiveConfig:
     return LiveConfig(cfg.world_size, cfg.mode, "sequential", *(SECOND_REFERENCE_SIZE if second else REFERENCE_SIZE))
 
 
-def load_1min() -> float:
-    return os.getloadavg()[0]
-
-
 # ---------------------------------------------------------------------------------------
 # live side
 
 
-def capture_live(cfg: LiveConfig, run_dir: Path, steps: int, warmup: int, seed: int = 0) -> dict:
-    """Run `cfg` live under the profiler; returns its run.json (plus the 1-min load)."""
-    from traces.capture import CaptureSpec, capture
+def capture_group(group: list[LiveConfig], runs: Path, steps: int, warmup: int, repeats: int,
+                  log=print) -> dict[LiveConfig, list[dict]]:
+    """Run a group (its two references first) live in one set of ranks, `repeats` rounds,
+    each visiting every config once in serpentine order (forwards, then backwards), into
+    runs/NAME/rep{k} (traces.capture.capture_interleaved); {config: its run.json objects,
+    one per round}. References run twice the steps: every prediction of the group leans
+    on them."""
+    from traces.capture import CaptureSpec, capture_interleaved
     from traces.rundir import read_run_json
 
-    load = load_1min()
-    capture(CaptureSpec(out_dir=str(run_dir), preset=PRESET, world_size=cfg.world_size, schedule=cfg.schedule,
-                        mode=cfg.mode, batch=cfg.batch, seq=cfg.seq, steps=steps, warmup=warmup, seed=seed,
-                        backend="gloo", threads=1))
-    run = read_run_json(run_dir)
-    run["load_1min"] = round((load + load_1min()) / 2, 2)
-    return run
+    refs = group[:2]
+    specs = [CaptureSpec(out_dir=str(runs / _run_name(c, *refs)), preset=PRESET, world_size=c.world_size,
+                         schedule=c.schedule, mode=c.mode, batch=c.batch, seq=c.seq,
+                         steps=2 * steps if c in refs else steps, warmup=warmup, backend="gloo", threads=1)
+             for c in group]
+    order = list(range(len(group)))
+    visits = [(k, Path(specs[k].out_dir) / f"rep{rep}") for rep in range(repeats)
+              for k in (order if rep % 2 == 0 else order[::-1])]
+    shown = [""]
+
+    def progress(line: str) -> None:  # one line per visit
+        head = line.split(":")[0]
+        if head.startswith("visit") and head != shown[0]:
+            shown[0] = head
+            log(f"  {head}")
+
+    # a visit takes seconds (a train step of `small` ~0.5 s on this machine); the deadline
+    # only catches a hang
+    capture_interleaved(specs, visits, runs, timeout_s=300 + 60 * len(visits), progress=progress)
+    return {c: [read_run_json(Path(specs[k].out_dir) / f"rep{rep}") for rep in range(repeats)]
+            for k, c in enumerate(group)}
 
 
 def live_ops(run_dir: Path) -> pa.Table:
@@ -204,6 +223,11 @@ class Reference:
     scaling: OpScaling | None = None
     scaling_error: str = ""
     replayed_step_us: float | None = None  # the reference's own graphs replayed (median)
+    steps_pooled: int = 0  # steps whose op sequence matched, of which `graphs` is an even spread
+    # the second reference: its config, measured step and the base moved to it and replayed
+    second: LiveConfig | None = None
+    second_measured_step_us: float | None = None
+    second_replayed_step_us: float | None = None
 
     @property
     def replay_factor(self) -> float:
@@ -214,24 +238,48 @@ class Reference:
             return 1.0
         return self.measured_step_us / self.replayed_step_us
 
+    @property
+    def second_replay_factor(self) -> float | None:
+        if not (self.second_replayed_step_us and self.second_measured_step_us):
+            return None
+        return self.second_measured_step_us / self.second_replayed_step_us
+
+    def replay_factor_at(self, cfg: LiveConfig) -> float:
+        """The replay factor for `cfg`: along the line through the two references' factors
+        (x = tokens per rank, like every other two-point slope), held within their range
+        outside it; the base reference's factor alone when the second has none."""
+        f_a, f_b = self.replay_factor, self.second_replay_factor
+        if f_b is None or self.second is None or self.second.tokens_per_rank == self.config.tokens_per_rank:
+            return f_a
+        x_a, x_b = self.config.tokens_per_rank, self.second.tokens_per_rank
+        f = f_a + (f_b - f_a) * (cfg.tokens_per_rank - x_a) / (x_b - x_a)
+        return min(max(f, min(f_a, f_b)), max(f_a, f_b))
 
 
 def build_reference(cfg: LiveConfig, run_dirs: list[Path], base: CostModel, measured_step_us: float,
-                    second: tuple[LiveConfig, list[Path]] | None = None) -> Reference:
+                    second: tuple[LiveConfig, list[Path]] | None = None, insitu_comm: CommModel | None = None
+                    ) -> Reference:
     """The reference of a group from all its runs (every step of every repeat)."""
-    ops = pooled_ops([attach_work(live_ops(d), d) for d in run_dirs])
-    ref = Reference(cfg, step_graph(ops, per_step=True), fit_from_ops(ops, base), measured_step_us)
+    ops = pooled_ops([attach_work(live_ops(d), d) for d in spread(run_dirs, MAX_PARSED_VISITS)])
+    graphs = step_graph(ops, per_step=True)
+    pooled = len(graphs)
+    graphs = spread(graphs, MAX_REPLAYED_STEPS)
+    if insitu_comm is not None:
+        graphs = [note_insitu_comm(g, insitu_comm) for g in graphs]
+    ref = Reference(cfg, graphs, fit_from_ops(ops, base), measured_step_us, steps_pooled=pooled)
     if second is not None:
         cfg_b, dirs_b = second
         try:
             ref.scaling = fit_two_point(step_graph(ops), cfg.tokens_per_rank, cfg.seq,
-                                        step_graph(pooled_ops([live_ops(d) for d in dirs_b])), cfg_b.tokens_per_rank, cfg_b.seq)
+                                        step_graph(pooled_ops([live_ops(d) for d in spread(dirs_b, MAX_PARSED_VISITS)])),
+                                        cfg_b.tokens_per_rank, cfg_b.seq)
         except SimulationError as err:
             ref.scaling_error = str(err)
     return ref
 
 
-def predict_graphs(ref: Reference, cfg: LiveConfig, method: str = "two-point") -> list[StepGraph]:
+def predict_graphs(ref: Reference, cfg: LiveConfig, method: str = "two-point", limit: int | None = None
+                   ) -> list[StepGraph]:
     """Each base-reference step moved to `cfg` (same world size and mode).
 
     method "two-point": per-op slopes through the two references (falls back to
@@ -239,28 +287,68 @@ def predict_graphs(ref: Reference, cfg: LiveConfig, method: str = "two-point") -
     base reference alone (simulator.transforms.scale_work)."""
     if (cfg.world_size, cfg.mode) != (ref.config.world_size, ref.config.mode):
         raise SimulationError(f"{cfg.name}: reference {ref.config.name} has another world size or mode")
+    graphs = spread(ref.graphs, limit) if limit else ref.graphs
     if method == "two-point" and ref.scaling is not None:
-        moved = [apply_two_point(g, ref.scaling, cfg.tokens_per_rank, cfg.seq) for g in ref.graphs]
+        moved = [apply_two_point(g, ref.scaling, cfg.tokens_per_rank, cfg.seq) for g in graphs]
     else:
         token_scale = cfg.tokens_per_rank / ref.config.tokens_per_rank
         seq_scale = cfg.seq / ref.config.seq
-        moved = [scale_work(g, ref.model, token_scale, token_scale * seq_scale) for g in ref.graphs]
+        moved = [scale_work(g, ref.model, token_scale, token_scale * seq_scale) for g in graphs]
     return [set_schedule(g, cfg.schedule) for g in moved]
 
 
-MAX_REPLAYED_STEPS = 24  # replays per prediction: evenly spread over the reference's pooled steps
+# Per reference: graphs replayed (an even spread over its pooled steps; a replay of `small`
+# takes ~70 ms here) and run dirs parsed (an even spread over its rounds; ~0.6 s each); the
+# configs' overlap reads at most MAX_PARSED_VISITS of their run dirs too. Step times always
+# come from every round's run.json.
+MAX_REPLAYED_STEPS = 64
+MAX_PARSED_VISITS = 16
+ONE_TRACE_REPLAYS = 16  # the secondary, cost-model path replays fewer
+
+
+def spread(items: list, n: int) -> list:
+    """At most n items, evenly spaced over the list (first and last included)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
 def simulate_steps(graphs: list[StepGraph], comm: CommModel, cores: int, slow_under_comm: bool = False
                    ) -> tuple[float, float | None, float]:
     """Median replayed step time (µs), mean overlap % and the fastest replayed step (µs)
-    over the per-step graphs (at most MAX_REPLAYED_STEPS of them, evenly spaced)."""
-    if len(graphs) > MAX_REPLAYED_STEPS:
-        graphs = [graphs[i] for i in np.linspace(0, len(graphs) - 1, MAX_REPLAYED_STEPS).round().astype(int)]
+    over the per-step graphs."""
     results = [simulate_graph(g, comm, cores, slow_under_comm)[:2] for g in graphs]
     overlaps = [ov for _, ov in results if ov is not None]
     times = [t for t, _ in results]
     return statistics.median(times), (float(np.mean(overlaps)) if overlaps else None), min(times)
+
+
+def _model_us(g: StepGraph, i: int, comm: CommModel) -> float:
+    members = g.group[i].split(",")
+    me = str(int(g.rank[i]))
+    return comm.predict_us(g.coll[i], len(members), g.coll_bytes[i], g.splits[i],
+                           members.index(me) if me in members else -1)
+
+
+def note_insitu_comm(g: StepGraph, comm: CommModel) -> StepGraph:
+    """Record in g.notes each collective's in-situ duration (the shortest over the ranks
+    taking part: the last to arrive waits for nobody) and the comm model's figure for the
+    same payload; simulate_graph then carries the difference (stalls of the live run the
+    microbenchmark calibration never saw) to whatever payload the op has by then."""
+    insitu = np.zeros(g.n)
+    model_ref = np.zeros(g.n)
+    by_instance: dict[tuple, list[int]] = defaultdict(list)
+    for i in range(g.n):
+        if g.kind[i] == "comm" and g.coll[i]:
+            by_instance[(g.coll[i], g.group[i], int(g.seq[i]))].append(i)
+    for ops in by_instance.values():
+        shortest = min(float(g.dur_us[i]) for i in ops)
+        for i in ops:
+            insitu[i] = shortest
+            model_ref[i] = _model_us(g, i, comm)
+    g.notes["comm_insitu_us"] = insitu
+    g.notes["comm_model_ref_us"] = model_ref
+    return g
 
 
 def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: bool = False
@@ -274,11 +362,15 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: b
     from traces.overlap import compute_metrics
 
     g = g.copy()
+    insitu, model_ref = g.notes.get("comm_insitu_us"), g.notes.get("comm_model_ref_us")
     for i in range(g.n):
         if g.kind[i] == "comm" and g.coll[i]:
-            members = g.group[i].split(",")
-            g.dur_us[i] = comm.predict_us(g.coll[i], len(members), g.coll_bytes[i], g.splits[i],
-                                          members.index(str(int(g.rank[i]))) if str(int(g.rank[i])) in members else -1)
+            g.dur_us[i] = _model_us(g, i, comm)
+            if insitu is not None and model_ref[i] > 0:
+                # the reference's own collective, as it ran in the step (its last-arriving
+                # rank): faster than the model → the same ratio; slower → the same stall
+                g.dur_us[i] = (g.dur_us[i] * insitu[i] / model_ref[i] if insitu[i] < model_ref[i]
+                               else g.dur_us[i] + insitu[i] - model_ref[i])
     ops, gap = g.to_ops()
     durations = ops.column("dur_us").to_numpy().astype(np.float64)
     if slow_under_comm:
@@ -302,9 +394,9 @@ def _err(pred: float, meas: float) -> float:
     return 100.0 * (pred - meas) / meas
 
 
-def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: bool = False, steps: int = 5,
+def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: bool = False, steps: int = 4,
              warmup: int = 2, cores: int | None = None, configs: list[LiveConfig] | None = None,
-             log=print, repeats: int = 3, speedup_pairs: int = 12) -> dict:
+             log=print, repeats: int = 24, speedup_pairs: int = 0) -> dict:
     """Capture references and the matrix live (`repeats` rounds), predict each config from
     its group's references, write VAL/validation.json."""
     from traces.rundir import VALIDATION_JSON, write_json_atomic
@@ -325,26 +417,21 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
     t0 = time.time()
     ref_rows: list[dict] = []
     rows: list[dict] = []
-    # Per (world size, mode) group: `repeats` rounds, each running the group's two
-    # references and its configs once, in serpentine order (forwards, then backwards). The
-    # machine's speed drifts by tens of percent over a minute (README), so a config and the
-    # references it is predicted from are measured interleaved, in the same minutes, and
-    # every figure pools all rounds. Predictions read only the references' runs.
+    # Per (world size, mode) group: one set of ranks runs `repeats` rounds, each visiting the
+    # group's two references and its configs once (capture_group). The machine's speed
+    # drifts by tens of percent over a minute (README), so a config and the references it is
+    # predicted from are measured interleaved, in the same minutes, by the same processes,
+    # and every figure pools all rounds. Predictions read only the references' runs.
     for key in sorted({(c.world_size, c.mode) for c in configs}):
         rcfg = reference_of(LiveConfig(key[0], key[1], "sequential", 0, 0))
         rcfg_b = reference_of(rcfg, second=True)
         group = [rcfg, rcfg_b] + [c for c in configs if (c.world_size, c.mode) == key]
-        live: dict[LiveConfig, list[dict]] = {c: [] for c in group}
         for c in group:  # rounds of an earlier, longer validate into this VAL must not be pooled
             for stale in rep_dirs(runs, _run_name(c, rcfg, rcfg_b))[repeats:]:
                 shutil.rmtree(stale)
-        for rep in range(repeats):
-            for c in (group if rep % 2 == 0 else group[::-1]):
-                # references run twice the steps: every prediction of the group leans on them
-                n = 2 * steps if c in (rcfg, rcfg_b) else steps
-                live[c].append(capture_live(c, runs / _run_name(c, rcfg, rcfg_b) / f"rep{rep}", n, warmup, seed=rep))
-            log(f"round {rep + 1}/{repeats} of {key[0]} rank(s), {key[1]}: {len(group)} live runs "
-                f"(load {live[group[-1]][-1]['load_1min']}, {time.time() - t0:.0f} s)")
+        live = capture_group(group, runs, steps, warmup, repeats, log)
+        log(f"{key[0]} rank(s), {key[1]}: {repeats} rounds of {len(group)} configs live "
+            f"(load {live[group[-1]][-1]['load_1min']}, {time.time() - t0:.0f} s)")
         alternating = {}
         if speedup_pairs > 0:
             for size in sorted({(c.batch, c.seq) for c in group[2:]}):
@@ -392,18 +479,23 @@ def _group_rows(runs: Path, rcfg: LiveConfig, rcfg_b: LiveConfig, live: dict, co
     dirs_b = rep_dirs(runs, f"ref-{rcfg_b.name}")
     meas = statistics.median(pooled_steps_us(live[rcfg]))
     meas_b = statistics.median(pooled_steps_us(live[rcfg_b]))
-    ref = build_reference(rcfg, dirs, compute_model, meas, (rcfg_b, dirs_b))
+    ref = build_reference(rcfg, dirs, compute_model, meas, (rcfg_b, dirs_b), insitu_comm=comm_model)
     replay_us, _, _ = simulate_steps(ref.graphs, comm_model, cores)
     ref.replayed_step_us = replay_us
+    if ref.scaling is not None:  # the base moved to the second reference's size, replayed
+        ref.second, ref.second_measured_step_us = rcfg_b, meas_b
+        ref.second_replayed_step_us = simulate_steps(predict_graphs(ref, rcfg_b), comm_model, cores)[0]
     log(f"reference {rcfg.name}: measured {meas / 1e3:.1f} ms, replayed {replay_us / 1e3:.1f} ms "
-        f"({len(ref.graphs)} steps); second point {rcfg_b.name}: {meas_b / 1e3:.1f} ms"
+        f"({len(ref.graphs)} of {ref.steps_pooled} steps); second point {rcfg_b.name}: measured {meas_b / 1e3:.1f} ms"
+        + (f", replayed {ref.second_replayed_step_us / 1e3:.1f} ms" if ref.second_replayed_step_us else "")
         + (f"; two-point fit failed: {ref.scaling_error}" if ref.scaling_error else ""))
     loads = lambda runs_: [r.get("load_1min") for r in runs_]  # noqa: E731
     return [
         {"name": rcfg_b.name, "run_dirs": [str(d) for d in dirs_b], "measured_step_us": meas_b,
          "load_1min": loads(live[rcfg_b])},
         {"name": rcfg.name, "run_dirs": [str(d) for d in dirs], "measured_step_us": meas, "load_1min": loads(live[rcfg]),
-         "replayed_step_us": replay_us, "steps_used": len(ref.graphs), "two_point": ref.scaling is not None,
+         "replayed_step_us": replay_us, "second_replayed_step_us": ref.second_replayed_step_us,
+         "steps_used": ref.steps_pooled, "steps_replayed": len(ref.graphs), "two_point": ref.scaling is not None,
          "two_point_error": ref.scaling_error},
     ], ref
 
@@ -413,12 +505,12 @@ def _predict_and_measure(cfg: LiveConfig, ref: Reference, comm_model: CommModel,
     """Predict `cfg` from `ref` (which never holds cfg's runs) and compare with its live
     runs (`live`: their run.json objects, one per repeat): one validation row."""
     raw_us, pred_ov, raw_min = simulate_steps(predict_graphs(ref, cfg, "two-point"), comm_model, cores)
-    raw_one_us, one_ov, _ = simulate_steps(predict_graphs(ref, cfg, "one-trace"), comm_model, cores)
-    factor = ref.replay_factor
+    raw_one_us, one_ov, _ = simulate_steps(predict_graphs(ref, cfg, "one-trace", ONE_TRACE_REPLAYS), comm_model, cores)
+    factor = ref.replay_factor_at(cfg)
     pred_us, pred_min, one_us = raw_us * factor, raw_min * factor, raw_one_us * factor
     per_step = pooled_steps_us(live)
     meas_us = statistics.median(per_step)
-    meas_ov = measured_overlap_pct(pooled_ops([live_ops(d) for d in rep_dirs(runs, cfg.name)]))
+    meas_ov = measured_overlap_pct(pooled_ops([live_ops(d) for d in spread(rep_dirs(runs, cfg.name), MAX_PARSED_VISITS)]))
     loads = [r.get("load_1min") for r in live if r.get("load_1min") is not None]
     row = {
         "name": cfg.name, "predicted_step_us": pred_us, "measured_step_us": meas_us,

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import gzip
 import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -143,8 +145,10 @@ def spawn_ranks(
     timeout_s: float,
     status_dir: str | os.PathLike,
     threads: int = 1,
+    progress: Callable[[str], None] | None = None,
 ) -> None:
     """Run `fn(rank, world_size, device, *args)` on `world_size` spawned ranks and wait.
+    progress: called with rank 0's progress line (report_progress) whenever it changes.
 
     fn must be a module-level function (spawned processes import it). Each rank has the
     default process group initialised (`backend`, collectives time out at the deadline).
@@ -173,8 +177,14 @@ def spawn_ranks(
         join=False,
         start_method="spawn",
     )
+    last = ""
     try:
         while not context.join(timeout=max(0.05, min(1.0, deadline - time.monotonic())), grace_period=2.0):
+            if progress is not None:
+                now = _read_progress(status_dir, 0)
+                if now != last and now != "never started":
+                    progress(now.removeprefix("last at "))
+                    last = now
             if time.monotonic() >= deadline:
                 running = [r for r, p in enumerate(context.processes) if p.is_alive()]
                 where = ", ".join(f"rank {r} ({_read_progress(status_dir, r)})" for r in running)
@@ -430,19 +440,44 @@ def _clear_run_dir(out_dir: Path, world_size: int) -> None:
 
 def _capture_rank(rank: int, world_size: int, device: Any, spec: CaptureSpec) -> None:
     """The body of one rank: build, warm up, run the profiled steps, export, gather."""
-    import torch
     import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile, schedule
 
     out_dir = Path(spec.out_dir)
-    fault = _parse_fault(spec.fault) if spec.fault else None
     report_progress(out_dir, rank, "setup")
     workload = build_workload(spec, rank, world_size, device)
+    result = _profiled_steps(workload, spec, spec.warmup, out_dir, out_dir, rank, device)
+    report_progress(out_dir, rank, "gather")
+    fault = _parse_fault(spec.fault) if spec.fault else None
+    if fault and fault == ("raise-after-trace", rank):
+        raise RuntimeError(f"injected fault on rank {rank} after its trace")
+    results: list[Any] = [None] * world_size
+    dist.all_gather_object(results, result)
+    if rank == 0:
+        run = build_run_json(spec, workload, dist.get_backend(), results)
+        write_json_atomic(out_dir / RUN_JSON, run)
+    _progress_path(out_dir, rank).unlink(missing_ok=True)
+
+
+def _profiled_steps(workload: "Workload", spec: CaptureSpec, warmup: int, out_dir: Path, status_dir: Path,
+                    rank: int, device: Any, where: str = "") -> dict:
+    """`warmup` unrecorded steps, then `spec.steps` timed ones under the profiler (when
+    spec.profiler), the trace exported to out_dir; this rank's result for run.json. Progress
+    lines go to status_dir, prefixed by `where`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    fault = _parse_fault(spec.fault) if spec.fault else None
     trace_path = out_dir / rank_trace_name(rank)
 
     def export(prof: Any) -> None:
-        tmp = out_dir / f".rank{rank}.partial.json.gz"  # export_chrome_trace gzips on ".gz"
-        prof.export_chrome_trace(str(tmp))
+        # export_chrome_trace would gzip a ".gz" path at level 9: ~0.2 s per step of `small`
+        # on this machine; level 1 takes a twentieth of that for files under twice the size
+        raw = out_dir / f".rank{rank}.partial.json"
+        tmp = out_dir / f".rank{rank}.partial.json.gz"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(tmp, "wb", compresslevel=1) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        raw.unlink()
         os.replace(tmp, trace_path)
 
     prof = None
@@ -454,45 +489,136 @@ def _capture_rank(rank: int, world_size: int, device: Any, spec: CaptureSpec) ->
             activities=activities,
             record_shapes=True,
             # The last warmup step also warms the profiler up; the rest run with it off.
-            schedule=schedule(wait=max(spec.warmup - 1, 0), warmup=min(spec.warmup, 1), active=spec.steps, repeat=1),
+            schedule=schedule(wait=max(warmup - 1, 0), warmup=min(warmup, 1), active=spec.steps, repeat=1),
             on_trace_ready=export,
         )
         prof.start()
     step_times_us = []
-    for step in range(spec.warmup + spec.steps):
-        report_progress(out_dir, rank, f"step {step} of {spec.warmup + spec.steps}")
-        if fault and fault[1] == rank and step == spec.warmup:
-            if fault[0] == "raise":
-                raise RuntimeError(f"injected fault on rank {rank} at step {step}")
-            if fault[0] == "hang":
-                while True:  # a rank stuck outside any collective
-                    time.sleep(0.05)
-        workload.begin_step(measured=step >= spec.warmup)
-        start_ns = time.perf_counter_ns()
-        workload.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_times_us.append((time.perf_counter_ns() - start_ns) / 1e3)
+    load_before = os.getloadavg()[0]
+    # Python's cyclic GC off while stepping, collected before (as timeit does): a full
+    # collection that lands in a step (the profiler leaves millions of objects behind) took
+    # 60-120 ms here, a fifth of a step at random
+    gc.collect()
+    gc.disable()
+    try:
+        for step in range(warmup + spec.steps):
+            report_progress(status_dir, rank, f"{where}step {step} of {warmup + spec.steps}")
+            if fault and fault[1] == rank and step == warmup:
+                if fault[0] == "raise":
+                    raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+                if fault[0] == "hang":
+                    while True:  # a rank stuck outside any collective
+                        time.sleep(0.05)
+            workload.begin_step(measured=step >= warmup)
+            start_ns = time.perf_counter_ns()
+            workload.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times_us.append((time.perf_counter_ns() - start_ns) / 1e3)
+            if prof is not None:
+                prof.step()
         if prof is not None:
-            prof.step()
-    if prof is not None:
-        prof.stop()
-    report_progress(out_dir, rank, "gather")
-    if fault and fault == ("raise-after-trace", rank):
-        raise RuntimeError(f"injected fault on rank {rank} after its trace")
-    result = {
+            prof.stop()
+    finally:
+        gc.enable()
+    del prof
+    gc.collect()
+    return {
         "rank": rank,
-        "step_times_us": step_times_us[spec.warmup :],
+        "step_times_us": step_times_us[warmup:],
         "device": _device_name(device),
         "host": platform.node(),
         "records": workload.records(),
+        "load_1min": round((load_before + os.getloadavg()[0]) / 2, 2),
+        "warmup": warmup,
     }
-    results: list[Any] = [None] * world_size
-    dist.all_gather_object(results, result)
+
+
+def _interleaved_rank(rank: int, world_size: int, device: Any, specs: list[CaptureSpec],
+                      visits: list[tuple[int, str]], status_dir: str) -> None:
+    """One rank of capture_interleaved: a workload per (mode, context) kept across visits,
+    reconfigured to each visit's spec; every visit exported as its own run dir."""
+    import torch.distributed as dist
+
+    status = Path(status_dir)
+    workloads: dict[tuple, Workload] = {}
+    visited: set[int] = set()
+    results = []
+    for i, (k, out) in enumerate(visits):
+        spec = specs[k]
+        key = _workload_key(spec)
+        if key not in workloads:
+            report_progress(status, rank, f"setup of {spec.mode} (visit {i + 1} of {len(visits)})")
+            workloads[key] = build_workload(spec, rank, world_size, device)
+        workload = workloads[key]
+        workload.configure(spec)
+        # the first visit of a spec warms it up fully; later ones run one step first (the new
+        # shapes' allocations, the profiler's warmup)
+        warmup = spec.warmup if k not in visited else min(spec.warmup, 1)
+        visited.add(k)
+        where = f"visit {i + 1} of {len(visits)} ({Path(out).parent.name}/{Path(out).name}): "
+        results.append(_profiled_steps(workload, spec, warmup, Path(out), status, rank, device, where))
+    report_progress(status, rank, "gather")
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, results)
     if rank == 0:
-        run = build_run_json(spec, workload, dist.get_backend(), results)
-        write_json_atomic(out_dir / RUN_JSON, run)
-    _progress_path(out_dir, rank).unlink(missing_ok=True)
+        backend = dist.get_backend()
+        for i, (k, out) in enumerate(visits):
+            workload = workloads[_workload_key(specs[k])]
+            workload.configure(specs[k])
+            per_rank = [g[i] for g in gathered]
+            spec = dataclasses.replace(specs[k], out_dir=out, warmup=per_rank[0]["warmup"])
+            run = build_run_json(spec, workload, backend, per_rank)
+            run["interleaved"] = {"visit": i, "visits": len(visits)}
+            write_json_atomic(Path(out) / RUN_JSON, run)
+    _progress_path(status, rank).unlink(missing_ok=True)
+
+
+def _workload_key(spec: CaptureSpec) -> tuple:
+    """Specs sharing a key share one model: decode's cache fixes its batch and context."""
+    return (spec.mode, spec.context, spec.batch if spec.mode == "decode" else 0)
+
+
+def capture_interleaved(specs: list[CaptureSpec], visits: list[tuple[int, str | os.PathLike]],
+                        status_dir: str | os.PathLike, timeout_s: float | None = None,
+                        progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Live runs of several specs in one set of ranks, visit by visit: visit (k, DIR) runs
+    specs[k] (its warmup on its first visit, one step after), then `steps` profiled steps,
+    into the run dir DIR (run.json + a trace per rank, as `capture` writes; run.json's
+    "interleaved" says which visit it was). Specs of one mode share one model per rank,
+    reconfigured between visits (schedule, batch, seq).
+
+    All specs must share preset, world size, backend, threads and seed. Runs that are to be
+    compared see the same machine minutes this way: on a VM whose speed drifts by tens of
+    percent over a minute, separate launches do not. Returns the run dirs in visit order."""
+    if not specs or not visits:
+        raise CaptureError("capture_interleaved: nothing to run (no specs or no visits)")
+    for spec in specs:
+        validate_spec(spec)
+        _check_model_fits(spec)
+        if spec.fault:
+            raise CaptureError("--inject-fault: not supported by interleaved captures")
+    first = specs[0]
+    for spec in specs[1:]:
+        for field in ("preset", "world_size", "backend", "threads", "seed"):
+            if getattr(spec, field) != getattr(first, field):
+                raise CaptureError(f"--{field.replace('_', '-')} {getattr(spec, field)}: interleaved runs must share it "
+                                   f"({getattr(first, field)} in the first)")
+    for k, _ in visits:
+        if not 0 <= k < len(specs):
+            raise CaptureError(f"visit of spec {k}: there are {len(specs)} specs")
+    dirs = [Path(out) for _, out in visits]
+    if len(set(dirs)) != len(dirs):
+        raise CaptureError("capture_interleaved: two visits write the same run dir")
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        _clear_run_dir(d, first.world_size)
+    backend = resolve_backend(first.backend)
+    timeout = timeout_s if timeout_s is not None else sum(specs[k].timeout_s for k, _ in visits)
+    spawn_ranks(_interleaved_rank, first.world_size, (specs, [(k, str(d)) for k, d in zip((k for k, _ in visits), dirs)],
+                                                       str(status_dir)),
+                backend=backend, timeout_s=timeout, status_dir=status_dir, threads=first.threads, progress=progress)
+    return dirs
 
 
 def _device_name(device: Any) -> str:
@@ -536,6 +662,7 @@ def build_run_json(spec: CaptureSpec, workload: Any, backend: str, results: list
         "threads": spec.threads,
         "profiler": spec.profiler,
         "seed": spec.seed,
+        "load_1min": results[0].get("load_1min"),  # this machine's 1-min load average, rank 0, over the steps
         "devices": {str(r["rank"]): r["device"] for r in results},
         "hosts": {str(r["rank"]): r["host"] for r in results},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -589,6 +716,18 @@ class Workload:
             if spec.context:
                 with torch.no_grad():
                     self.model(self._tokens(-1, spec.context), cache=self.cache)
+
+    def configure(self, spec: CaptureSpec) -> None:
+        """Switch to another spec of the same model (capture_interleaved): schedule, batch
+        and seq may change; preset, seed and world size may not, nor mode and context."""
+        if _workload_key(spec) != _workload_key(self.spec) or (spec.preset, spec.seed) != (self.spec.preset, self.spec.seed):
+            raise CaptureError(f"workload of {self.spec.mode} ({self.spec.preset}, seed {self.spec.seed}) cannot run "
+                               f"{spec.mode} ({spec.preset}, seed {spec.seed}, context {spec.context})")
+        self.spec = spec
+        self.model.expert_parallel.schedule = spec.schedule
+        self.batch_per_rank = spec.batch // self.world_size
+        self.tokens_per_step = self.batch_per_rank * spec.seq
+        self._records = []
 
     def _tokens(self, step: int, length: int) -> Any:
         import torch
@@ -727,6 +866,8 @@ def _max_over_mean(loads: list[int]) -> float:
 
 
 def read_trace(path: str | os.PathLike) -> dict:
-    """Load one gzipped Kineto trace (for tests and quick looks)."""
-    with gzip.open(path, "rt") as f:
-        return json.load(f)
+    """Load one gzipped Kineto trace whole (for tests, quick looks, and shapes)."""
+    import orjson
+
+    with gzip.open(path, "rb") as f:
+        return orjson.loads(f.read())

@@ -106,7 +106,7 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     cal = tmp_path / "CAL"
     assert main(["calibrate", "--world-size", "2", "-o", str(cal), "--comm-reps", "5", "--compute-reps", "3"]) == 0
     assert main(["validate", "--quick", "--calibration", str(cal), "-o", str(tmp_path / "VAL"),
-                 "--steps", "4", "--warmup", "1", "--repeats", "2", "--speedup-pairs", "4"]) == 0
+                 "--steps", "4", "--warmup", "1", "--repeats", "4", "--speedup-pairs", "2"]) == 0
     out = capsys.readouterr().out
     assert "median |step-time error|" in out
     val = json.loads((tmp_path / "VAL" / "validation.json").read_text())
@@ -115,16 +115,20 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
         assert {"name", "predicted_step_us", "measured_step_us", "error_pct", "predicted_overlap_pct",
                 "measured_overlap_pct"} <= set(c)
         assert c["reference"] != c["name"]
-    # The issue asks for median |error| <= 10 % here; on the shared 2-core machine two quick runs
-    # back to back measured 13.6 % and 2.3 % (17.7-22.1 % at load 2 before repeats, ~60 % at load
-    # 14) because the VM's own speed swings by tens of percent (README, "Calibration and
-    # validation"). The bound below catches a broken pipeline (wrong scaling, lost waits: errors
-    # of 2x and more) without letting machine noise block a landing.
+        assert c["measured_steps"] == 4 * 4 and c["repeats"] == 4
+    # The issue asks for median |error| <= 10 % here. Quick runs on the shared 2-core machine
+    # measured 3.3-9.2 % in quiet minutes and 11.1 % in a slow phase (README, "Calibration and
+    # validation"), so 10 % would fail on machine noise alone now and then. The bound below
+    # catches a broken pipeline (wrong scaling, lost waits: errors of 2x and more) without
+    # letting noise block a landing.
     errors = [c["error_pct"] for c in val["configs"]]
-    assert val["median_abs_error_pct"] <= 50.0, errors
-    assert all(c["predicted_step_us"] / c["measured_step_us"] < 3 and c["measured_step_us"] / c["predicted_step_us"] < 3
+    assert val["median_abs_error_pct"] <= 25.0, errors
+    assert all(c["predicted_step_us"] / c["measured_step_us"] < 2 and c["measured_step_us"] / c["predicted_step_us"] < 2
                for c in val["configs"]), errors
     assert (tmp_path / "VAL" / "validation.md").is_file()
+    # one set of ranks ran the whole group: 2 references + 4 configs, 4 rounds
+    last = json.loads((tmp_path / "VAL" / "runs" / val["configs"][0]["name"] / "rep3" / "run.json").read_text())
+    assert last["interleaved"]["visits"] == 6 * 4
     # both sizes have both schedules: each also got its one-run, alternating measurement
     assert len(val["speedups"]) == 2 and all(0.5 < s["measured_alternating"] < 2 for s in val["speedups"])
 
@@ -151,3 +155,82 @@ def test_alternating_schedules_times_both_schedules_in_one_live_run(tmp_path):
     times = alternating_schedules(spec, pairs=3)
     assert set(times) == {"sequential", "shortcut"}
     assert all(len(v) == 3 and all(t > 0 for t in v) for v in times.values())
+
+
+def test_spread_keeps_the_ends_and_spaces_evenly():
+    from simulator.validate import spread
+
+    assert spread(list(range(5)), 8) == [0, 1, 2, 3, 4]
+    assert spread(list(range(10)), 4) == [0, 3, 6, 9]
+    assert spread(list(range(101)), 3) == [0, 50, 100]
+
+
+def test_replay_factor_runs_along_the_two_references():
+    """The measured/replayed factor at a config: linear in tokens per rank through the two
+    references' factors, held within them outside; the base's alone without a second."""
+    from simulator.validate import Reference
+
+    a, b = LiveConfig(2, "prefill", "sequential", 4, 48), LiveConfig(2, "prefill", "sequential", 8, 96)
+    ref = Reference(a, [], None, measured_step_us=105.0, replayed_step_us=100.0)
+    assert ref.replay_factor_at(LiveConfig(2, "prefill", "shortcut", 8, 64)) == pytest.approx(1.05)
+    ref.second, ref.second_measured_step_us, ref.second_replayed_step_us = b, 330.0, 300.0
+    # tokens per rank: a 96, b 384; 256 lies 160/288 of the way from 1.05 to 1.10
+    assert ref.replay_factor_at(LiveConfig(2, "prefill", "shortcut", 8, 64)) == pytest.approx(1.05 + 0.05 * 160 / 288)
+    assert ref.replay_factor_at(LiveConfig(2, "prefill", "sequential", 4, 32)) == pytest.approx(1.05)  # 64 < 96
+    assert ref.replay_factor_at(LiveConfig(2, "prefill", "sequential", 16, 128)) == pytest.approx(1.10)
+
+
+class _LinearComm:
+    """A comm model with a closed form: 5 µs + bytes / per_us."""
+
+    def __init__(self, per_us):
+        self.per_us = per_us
+
+    def predict_us(self, coll, n, coll_bytes, splits=(), rank_in_group=-1):
+        return 5.0 + coll_bytes / self.per_us
+
+
+@pytest.mark.parametrize("per_us,expected", [
+    (100.0, 25.0 + 10.0),  # model 15 µs, in situ 25: a 10 µs stall, carried as is to 2000 bytes
+    (20.0, 105.0 * 25.0 / 55.0),  # model 55 µs, in situ 25: the same speed ratio at 2000 bytes
+])
+def test_collectives_replay_at_their_in_situ_duration(per_us, expected):
+    """Rank 0 arrives 20 µs early at an all-to-all and waits (its span 45 µs); rank 1, the
+    last, sees the collective itself: 25 µs. The replay moves that in-situ time to twice
+    the payload through the model: a stall stays a stall, a speed stays a speed."""
+    from simulator.transforms import step_graph
+    from simulator.validate import note_insitu_comm, simulate_graph
+
+    rows = []
+    for rank, (compute, span) in enumerate([(10.0, 45.0), (30.0, 25.0)]):
+        i = 10 * rank
+        issue = compute
+        rows += [
+            dict(id=i, rank=rank, name="aten::linear", label="L0/attn0", start_us=0.0, dur_us=compute),
+            dict(id=i + 1, rank=rank, kind="host", name="c10d::alltoall_base_", label="L0/dispatch", start_us=issue,
+                 dur_us=1.0),
+            dict(id=i + 2, rank=rank, lane="cpu:gloo", kind="comm", name="gloo:all_to_all", label="L0/dispatch",
+                 coll="all_to_all", start_us=issue + 0.5, dur_us=span, coll_bytes=1000.0, deps=[i + 1]),
+            dict(id=i + 3, rank=rank, name="aten::mul", label="L0/experts", start_us=issue + 0.5 + span + 1, dur_us=5.0),
+        ]
+    cols = {k: [r.get(k, d) for r in rows] for k, d in [
+        ("id", 0), ("rank", 0), ("lane", "cpu:main"), ("kind", "compute"), ("name", "x"), ("label", ""),
+        ("start_us", 0.0), ("dur_us", 0.0), ("flops", 0.0), ("bytes", 0.0), ("coll", ""), ("group", ""),
+        ("coll_bytes", 0.0), ("seq", -1), ("step", 0), ("deps", [])]}
+    comm = _LinearComm(per_us)
+    g = note_insitu_comm(step_graph(make_ops(cols)), comm)
+    g.coll_bytes = g.coll_bytes * 2
+
+    def comm_spans(graph):  # (duration, end) of the collective on each rank, as replayed
+        _, _, sim = simulate_graph(graph, comm, cores=2)
+        return [(d, s + d) for s, d, k in zip(sim.column("start_us").to_pylist(), sim.column("dur_us").to_pylist(),
+                                              sim.column("kind").to_pylist()) if k == "comm"]
+
+    spans = comm_spans(g)
+    # the early rank waits for the late one in the replay too; the late one sees `expected`
+    assert min(d for d, _ in spans) == pytest.approx(expected)
+    assert spans[0][1] == pytest.approx(spans[1][1])
+    # without the note the model alone times it
+    plain = step_graph(make_ops(cols))
+    plain.coll_bytes = plain.coll_bytes * 2
+    assert min(d for d, _ in comm_spans(plain)) == pytest.approx(5.0 + 2000.0 / per_us)

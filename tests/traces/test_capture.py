@@ -11,6 +11,7 @@ What is checked against something independent of the capture code:
 from __future__ import annotations
 
 import ast
+import dataclasses
 import gzip
 import json
 import os
@@ -196,3 +197,45 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_interleaved_visits_are_runs_of_their_own_spec(tmp_path):
+    """capture_interleaved: each visit's run dir is a whole run of its spec (run.json,
+    a trace per rank with exactly its profiled steps and its split sizes), visits of
+    the same spec share one model, and the first visit alone gets the full warmup."""
+    from traces.capture import CaptureSpec, capture_interleaved
+    from traces.kineto import parse_traces
+
+    base = CaptureSpec(out_dir="", preset="tiny", world_size=2, schedule="sequential", mode="prefill",
+                       batch=2, seq=8, steps=2, warmup=2, backend="gloo", threads=1)
+    specs = [base, dataclasses.replace(base, schedule="shortcut", batch=4, seq=12, steps=3)]
+    visits = [(0, tmp_path / "a" / "rep0"), (1, tmp_path / "b" / "rep0"), (1, tmp_path / "b" / "rep1"),
+              (0, tmp_path / "a" / "rep1")]
+    seen = []
+    dirs = capture_interleaved(specs, visits, tmp_path, progress=seen.append)
+    assert dirs == [d for _, d in visits]
+    for i, (k, d) in enumerate(visits):
+        run, spec = read_run_json(d), specs[k]
+        assert (run["schedule"], run["batch"], run["seq"], run["steps"]) == (spec.schedule, spec.batch, spec.seq, spec.steps)
+        assert run["interleaved"] == {"visit": i, "visits": 4}
+        assert run["warmup"] == (2 if i < 2 else 1)
+        assert all(len(t) == spec.steps for t in run["step_times_us"].values())
+        assert run["routing"]["0"]["tokens"] == spec.batch * spec.seq * spec.steps
+        ops = parse_traces(trace_files(d))
+        assert len({int(s) for s in ops.column("step").to_pylist() if s >= 0}) == spec.steps
+        _check_split_sizes(d, spec.steps)
+        _, events = _events(d / "rank0.pt.trace.json.gz")
+        order = [e["name"][3:] for e in sorted((e for e in events if e["name"].startswith("L0/")), key=lambda e: e["ts"])]
+        assert order[3] == ("mlp0" if spec.schedule == "shortcut" else "dispatch")
+    assert seen and all(line.startswith(("setup", "visit", "gather")) for line in seen)
+
+
+def test_interleaved_specs_must_share_the_model(tmp_path):
+    from traces.capture import CaptureError, CaptureSpec, capture_interleaved
+
+    base = CaptureSpec(out_dir="", preset="tiny", world_size=2, backend="gloo")
+    with pytest.raises(CaptureError, match="--seed 1: interleaved runs must share it"):
+        capture_interleaved([base, dataclasses.replace(base, seed=1)], [(0, tmp_path / "a"), (1, tmp_path / "b")], tmp_path)
+    with pytest.raises(CaptureError, match="two visits write the same run dir"):
+        capture_interleaved([base], [(0, tmp_path / "a"), (0, tmp_path / "a")], tmp_path)
+    assert not (tmp_path / "a").exists()
