@@ -495,9 +495,10 @@ def _profiled_steps(workload: "Workload", spec: CaptureSpec, warmup: int, out_di
         prof.start()
     step_times_us = []
     load_before = os.getloadavg()[0]
-    # Python's cyclic GC off while stepping, collected before (as timeit does): a full
-    # collection that lands in a step (the profiler leaves millions of objects behind) took
-    # 60-120 ms here, a fifth of a step at random
+    # Python's cyclic GC off while stepping, collected before (as timeit does), so no
+    # collection of what earlier visits left behind lands in a timed step. (Steps 60-120 ms
+    # slower than their neighbours recurred at fixed places of a validate round; GC was the
+    # suspect, not confirmed: such steps still occur with it off.)
     gc.collect()
     gc.disable()
     try:

@@ -118,22 +118,19 @@ def _interleaved(rank: int, world: int, device, spec: CaptureSpec, pairs: int, o
     workload = build_workload(spec, rank, world, device)
     ep = workload.model.expert_parallel
 
-    def timed_step() -> float:
-        return barrier_timed_step(workload)
-
     for _ in range(spec.warmup):
-        timed_step()
+        barrier_timed_step(workload)
     times: dict[str, list[float]] = defaultdict(list)
     for i in range(2 * pairs):
         ep.schedule = ("sequential", "shortcut")[i % 2]
-        times[ep.schedule].append(timed_step())
+        times[ep.schedule].append(barrier_timed_step(workload))
     ep.schedule = "shortcut"
     # profiler cycle: off (wait), warming up (not timed), recording (active)
     prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True,
                    schedule=schedule(wait=1, warmup=1, active=1, repeat=pairs), on_trace_ready=lambda p: None)
     prof.start()
     for i in range(3 * pairs):
-        t = timed_step()
+        t = barrier_timed_step(workload)
         if i % 3 == 0:
             times["profiler_off"].append(t)
         elif i % 3 == 2:
