@@ -58,7 +58,7 @@ def validation_figure(validation: dict) -> go.Figure:
         marker=dict(size=10, color="#1f77b4"), customdata=error,
         hovertemplate="%{text}<br>measured %{x:.2f} ms<br>predicted %{y:.2f} ms<br>error %{customdata:+.1f}%<extra></extra>",
     ), row=1, col=1)
-    if one:  # simulator/validate.py also predicts from one trace without the two-point fit
+    if one:  # simulator/validate.py also predicts from one trace without the per-op curves through the references
         fig.add_trace(go.Scatter(
             x=[m for _, m, _ in one], y=[p for *_, p in one], text=[n for n, *_ in one], mode="markers",
             name="one-trace prediction", marker=dict(size=8, color="#7f7f7f", symbol="x"),

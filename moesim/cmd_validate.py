@@ -85,7 +85,7 @@ def _print_summary(result: dict, out: str) -> None:
     from pathlib import Path
 
     print(f"median |step-time error| {result['median_abs_error_pct']:.1f}%   max {result['max_abs_error_pct']:.1f}%   "
-          f"({len(result['configs'])} configs, two-point per-op scaling)")
+          f"({len(result['configs'])} configs, per-op curves through the references)")
     if result.get("median_abs_error_pct_uncorrected") is not None:
         print(f"without the reference's measured/replayed factor: median |error| "
               f"{result['median_abs_error_pct_uncorrected']:.1f}%   max {result['max_abs_error_pct_uncorrected']:.1f}%")

@@ -446,27 +446,38 @@ def set_world_size(g: StepGraph, world_size: int) -> StepGraph:
 
 
 # ---------------------------------------------------------------------------------------
-# two-point per-op scaling (no shapes needed)
+# per-op scaling through reference sizes (no shapes needed)
 
 
 @dataclass
 class OpScaling:
-    """Per op of a graph: relative slopes of its duration, the host gap before it and its
-    collective payload, per unit of x, where x = tokens per rank (attention ops' durations:
-    tokens · sequence length, their causal FLOPs' driver). new = old · max(1 + slope · Δx, 0).
+    """Per op of a graph: its duration, the host gap before it and its collective payload
+    as piecewise-linear functions of x, through two or more reference sizes, where x =
+    tokens per rank (attention ops' durations: tokens · sequence length, their causal
+    FLOPs' driver). Each function is a ratio to the base reference's value; between two
+    references it runs along their segment, beyond the outermost ones along the nearest
+    segment (new = old · max(ratio(x), 0)). With two references that is one straight line.
 
-    Slopes are fitted per group, not per op: ops of one name in one block kind (e.g. every
-    `aten::linear` of every `L*/mlp0`, over all ranks) share the relative slope of the
-    group's total, (total_b − total_a) / (x_b − x_a) / total_a. Pooling averages out the
-    noise of single ops on a shared machine, and the relative form keeps a duration's
-    per-step noise from the base reference."""
+    Ratios are fitted per group, not per op: ops of one name in one block kind (e.g. every
+    `aten::linear` of every `L*/mlp0`, over all ranks) share the ratio of the group's
+    total at each reference to its total at the base. Pooling averages out the noise of
+    single ops on a shared machine, and the relative form keeps a duration's per-step
+    noise from the base reference."""
 
     x_attn: np.ndarray  # (N,) bool: True where x = tokens · seq (attention durations)
-    dur_rel_slope: np.ndarray  # 1 / unit x
-    gap_rel_slope: np.ndarray
-    bytes_rel_slope: np.ndarray
-    tokens: float  # of the base reference the slopes start from
-    seq: float
+    tokens: np.ndarray  # (K,) tokens per rank of the references, base first
+    seqs: np.ndarray  # (K,)
+    dur_ratio: np.ndarray  # (K, N): group total at reference k / at the base (row 0 = 1)
+    gap_ratio: np.ndarray
+    bytes_ratio: np.ndarray
+
+    @property
+    def base_tokens(self) -> float:
+        return float(self.tokens[0])
+
+    @property
+    def base_seq(self) -> float:
+        return float(self.seqs[0])
 
 
 def _x(attn: np.ndarray, tokens: float, seq: float) -> np.ndarray:
@@ -478,52 +489,70 @@ def _block(label: str) -> str:
     return m.group(2) if m else label
 
 
-def _group_rel_slopes(keys: list, va: np.ndarray, vb: np.ndarray, xa: np.ndarray, xb: np.ndarray) -> np.ndarray:
-    """Relative slope of each op's group total (0 for groups with no time at the base)."""
-    out = np.zeros(len(keys))
+def _group_ratios(keys: list, values: list[np.ndarray]) -> np.ndarray:
+    """(K, N): each op's group total at reference k over its total at reference 0 (1 for
+    ops without a group or with no time at the base)."""
+    out = np.ones((len(values), len(keys)))
     groups: dict = defaultdict(list)
     for i, k in enumerate(keys):
         if k is not None:
             groups[k].append(i)
     for idx in groups.values():
-        tot_a, tot_b = float(va[idx].sum()), float(vb[idx].sum())
-        if tot_a > 0:
-            out[idx] = (tot_b - tot_a) / (xb[idx[0]] - xa[idx[0]]) / tot_a
+        base = float(values[0][idx].sum())
+        if base > 0:
+            for k, v in enumerate(values):
+                out[k, idx] = float(v[idx].sum()) / base
     return out
 
 
-def fit_two_point(a: StepGraph, tokens_a: float, seq_a: float, b: StepGraph, tokens_b: float, seq_b: float) -> OpScaling:
-    """Group-wise relative slopes (see OpScaling) from two graphs of the same op sequence at
-    two sizes; `a` is the base. Ops with a fixed label (optimizer, gradient sync) get 0."""
-    if a.n != b.n or a.name != b.name or a.lane != b.lane:
-        raise SimulationError("fit_two_point: the two reference runs executed different op sequences")
+def piecewise_ratio(xs: np.ndarray, ratios: np.ndarray, x: float) -> np.ndarray:
+    """Ratios (K, M) at knots xs (K,) → (M,) at x: linear between the two knots around x,
+    along the nearest end segment outside them."""
+    order = np.argsort(xs)
+    xs, ratios = xs[order], ratios[order]
+    j = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
+    w = (x - xs[j]) / (xs[j + 1] - xs[j])
+    return ratios[j] + (ratios[j + 1] - ratios[j]) * w
+
+
+def fit_scaling(points: list[tuple[StepGraph, float, float]]) -> OpScaling:
+    """Group-wise ratios (see OpScaling) from graphs of the same op sequence at two or more
+    sizes, each (graph, tokens per rank, seq); the first is the base. Ops with a fixed
+    label (optimizer, gradient sync) keep their duration."""
+    if len(points) < 2:
+        raise SimulationError("fit_scaling: needs at least two reference sizes")
+    a = points[0][0]
+    for g, _, _ in points[1:]:
+        if g.n != a.n or g.name != a.name or g.lane != a.lane:
+            raise SimulationError("fit_scaling: the reference runs executed different op sequences")
+    tokens = np.array([float(t) for _, t, _ in points])
+    seqs = np.array([float(q) for _, _, q in points])
+    if len(set(tokens)) < len(tokens) or len(set(tokens * seqs)) < len(tokens):
+        raise SimulationError("fit_scaling: the references need different token counts (and tokens · seq)")
     attn = np.array([classify(n) == "attention" for n in a.name])
-    xa, xb = _x(attn, tokens_a, seq_a), _x(attn, tokens_b, seq_b)
-    if np.any(xa == xb) or tokens_a == tokens_b:
-        raise SimulationError("fit_two_point: the two references need different token counts")
     fixed = [_fixed(lbl) for lbl in a.label]
     is_comm = [k == "comm" for k in a.kind]
     dur_keys = [None if fixed[i] or is_comm[i] else (_block(a.label[i]), a.name[i]) for i in range(a.n)]
     gap_keys = [None if fixed[i] or is_comm[i] else (_block(a.label[i]), "gap") for i in range(a.n)]
     byte_keys = [(_block(a.label[i]), a.coll[i]) if is_comm[i] and not fixed[i] and a.coll_bytes[i] >= METADATA_BYTES
                  else None for i in range(a.n)]
-    ta, tb = np.full(a.n, float(tokens_a)), np.full(a.n, float(tokens_b))
-    return OpScaling(
-        attn, _group_rel_slopes(dur_keys, a.dur_us, b.dur_us, xa, xb), _group_rel_slopes(gap_keys, a.gap_us, b.gap_us, ta, tb),
-        _group_rel_slopes(byte_keys, a.coll_bytes, b.coll_bytes, ta, tb), float(tokens_a), float(seq_a),
-    )
+    graphs = [g for g, _, _ in points]
+    return OpScaling(attn, tokens, seqs, _group_ratios(dur_keys, [g.dur_us for g in graphs]),
+                     _group_ratios(gap_keys, [g.gap_us for g in graphs]),
+                     _group_ratios(byte_keys, [g.coll_bytes for g in graphs]))
 
 
-def apply_two_point(g: StepGraph, scaling: OpScaling, tokens: float, seq: float) -> StepGraph:
+def apply_scaling(g: StepGraph, scaling: OpScaling, tokens: float, seq: float) -> StepGraph:
     """`g` (a graph of the base reference's structure, e.g. one of its steps) moved to
-    `tokens` per rank and sequence length `seq` along the fitted slopes."""
-    if g.n != len(scaling.dur_rel_slope):
-        raise SimulationError("apply_two_point: graph and scaling have different op counts")
+    `tokens` per rank and sequence length `seq` along the fitted ratios."""
+    if g.n != scaling.dur_ratio.shape[1]:
+        raise SimulationError("apply_scaling: graph and scaling have different op counts")
     g = g.copy()
-    dx = _x(scaling.x_attn, tokens, seq) - _x(scaling.x_attn, scaling.tokens, scaling.seq)
-    dt = tokens - scaling.tokens
-    g.dur_us = g.dur_us * np.maximum(1 + scaling.dur_rel_slope * dx, 0.0)
-    g.gap_us = g.gap_us * np.maximum(1 + scaling.gap_rel_slope * dt, 0.0)
-    g.coll_bytes = g.coll_bytes * np.maximum(1 + scaling.bytes_rel_slope * dt, 0.0)
-    g.notes.setdefault("transforms", []).append({"two_point": {"tokens": tokens, "seq": seq}})
+    attn = scaling.x_attn
+    dur = np.where(attn, piecewise_ratio(scaling.tokens * scaling.seqs, scaling.dur_ratio, tokens * seq),
+                   piecewise_ratio(scaling.tokens, scaling.dur_ratio, tokens))
+    g.dur_us = g.dur_us * np.maximum(dur, 0.0)
+    g.gap_us = g.gap_us * np.maximum(piecewise_ratio(scaling.tokens, scaling.gap_ratio, tokens), 0.0)
+    g.coll_bytes = g.coll_bytes * np.maximum(piecewise_ratio(scaling.tokens, scaling.bytes_ratio, tokens), 0.0)
+    g.notes.setdefault("transforms", []).append({"scaled_to": {"tokens": tokens, "seq": seq}})
     return g

@@ -3,25 +3,26 @@ trace per (world size, mode), run them live, compare.
 
     validate(out_dir, calibration, quick=False, repeats=24) -> the validation.json object
 
-For every (world size, mode) of the matrix two references are captured, sequential
-schedule, at sizes that are not in the matrix (REFERENCE_SIZE, SECOND_REFERENCE_SIZE).
+For every (world size, mode) of the matrix three references are captured, sequential
+schedule, at sizes that are not in the matrix (REFERENCE_SIZE, the base, and
+EXTRA_REFERENCE_SIZES, one below and one above every matrix size).
 One set of ranks runs the group: `repeats` rounds, each visiting the references and the
 configs once in serpentine order, each visit its own run dir VAL/runs/NAME/rep{k}
 (traces.capture.capture_interleaved). This 2-core VM's speed drifts by tens of percent
 within a minute, so what is compared is measured in the same minutes by the same
 processes, and each figure pools every round. Each matrix config is predicted without its
 own runs, two ways:
-    two-point (reported as predicted_step_us): base reference → step_graph (one graph per
+    piecewise (reported as predicted_step_us): base reference → step_graph (one graph per
         measured step, waiting removed) → every op's duration, host gap and payload moved
-        along its own slope through the two references (x = tokens per rank; tokens · seq
-        for attention) → set_schedule
+        along its group's piecewise-linear curve through the references (x = tokens per
+        rank; tokens · seq for attention; simulator.transforms.fit_scaling) → set_schedule
     one-trace (predicted_step_us_one_trace): the base reference alone → scale_work (tokens,
         attention) with a cost model fitted on its own ops over the calibration → set_schedule
 then collectives are timed by the calibrated comm model plus what the same collective
 lost in the reference step beyond the model (note_insitu_comm: stalls the idle
 microbenchmark never sees), simulator.engine replays the graphs on a cpu-loopback cluster
 (processor sharing over this machine's cores), and the replayed step is multiplied by the
-measured / replayed step time of the references themselves, along the line through the two
+measured / replayed step time of the references themselves, piecewise-linear through the
 references' ratios (`Reference.replay_factor_at`: contention the replay does not model).
 The unscaled prediction stays in the row. Measured: the median over the pooled steps of
 its live visits (a step lasts as long as its slowest rank), and the overlap of the pooled
@@ -43,8 +44,9 @@ validation.json (DESIGN.md keys + extras):
     (sequential / shortcut step time; "alternating": one extra live run per size that switches
     schedule every step, barrier-aligned, profiler off, median of the pairs' ratios:
     `--speedup-pairs` pairs, default none; "measured" is the ratio of the two configs' medians),
-    references → [{name, run_dirs, measured_step_us, replayed_step_us, second_replayed_step_us,
-    steps_used, steps_replayed, load_1min (one per repeat)}], calibration, quick,
+    references → [{name, run_dirs, measured_step_us, load_1min (one per repeat), replayed_step_us
+    (the base moved to this reference's size and replayed; the base: its own replay), base
+    (true for the base), steps_used, steps_replayed}], calibration, quick,
     steps, warmup, repeats
 """
 
@@ -55,7 +57,7 @@ import shutil
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +66,13 @@ import pyarrow as pa
 from simulator.calibrate import attach_work, fit_from_ops, load_calibration
 from simulator.costmodel import CommModel, CostModel
 from simulator.errors import SimulationError
-from simulator.transforms import OpScaling, StepGraph, apply_two_point, fit_two_point, scale_work, set_schedule, step_graph
+from simulator.transforms import OpScaling, StepGraph, apply_scaling, fit_scaling, scale_work, set_schedule, step_graph
 
 PRESET = "small"
 REFERENCE_SIZE = (4, 48)  # (global batch, seq): the base reference, captured, never predicted
-SECOND_REFERENCE_SIZE = (8, 96)  # the second point of the two-point per-op fits
+# the other points of the per-op curves: one below every matrix size (small sizes sit above
+# a straight line through larger ones: per-op overheads), one above
+EXTRA_REFERENCE_SIZES = ((2, 32), (8, 96))
 SIZES = ((4, 32), (4, 128), (8, 64))  # matrix sizes: other batch and sequence lengths
 QUICK_SIZES = ((4, 32), (8, 64))
 SYNC_NAME_PREFIXES = ("_ExchangeWait", "_ExchangeStart", "c10d::", "record_param_comms")
@@ -106,8 +110,15 @@ def matrix(quick: bool = False) -> list[LiveConfig]:
             for s in both(k)]
 
 
-def reference_of(cfg: LiveConfig, second: bool = False) -> LiveConfig:
-    return LiveConfig(cfg.world_size, cfg.mode, "sequential", *(SECOND_REFERENCE_SIZE if second else REFERENCE_SIZE))
+def reference_of(cfg: LiveConfig) -> LiveConfig:
+    """The base reference of cfg's group."""
+    return LiveConfig(cfg.world_size, cfg.mode, "sequential", *REFERENCE_SIZE)
+
+
+def references_of(cfg: LiveConfig) -> list[LiveConfig]:
+    """Every reference of cfg's group, the base first."""
+    return [reference_of(cfg)] + [LiveConfig(cfg.world_size, cfg.mode, "sequential", b, t)
+                                  for b, t in EXTRA_REFERENCE_SIZES]
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,7 +127,7 @@ def reference_of(cfg: LiveConfig, second: bool = False) -> LiveConfig:
 
 def capture_group(group: list[LiveConfig], runs: Path, steps: int, warmup: int, repeats: int,
                   log=print) -> dict[LiveConfig, list[dict]]:
-    """Run a group (its two references first) live in one set of ranks, `repeats` rounds,
+    """Run a group (its references first) live in one set of ranks, `repeats` rounds,
     each visiting every config once in serpentine order (forwards, then backwards), into
     runs/NAME/rep{k} (traces.capture.capture_interleaved); {config: its run.json objects,
     one per round}. References run twice the steps: every prediction of the group leans
@@ -124,8 +135,8 @@ def capture_group(group: list[LiveConfig], runs: Path, steps: int, warmup: int, 
     from traces.capture import CaptureSpec, capture_interleaved
     from traces.rundir import read_run_json
 
-    refs = group[:2]
-    specs = [CaptureSpec(out_dir=str(runs / _run_name(c, *refs)), preset=PRESET, world_size=c.world_size,
+    refs = references_of(group[0])
+    specs = [CaptureSpec(out_dir=str(runs / _run_name(c, refs)), preset=PRESET, world_size=c.world_size,
                          schedule=c.schedule, mode=c.mode, batch=c.batch, seq=c.seq,
                          steps=2 * steps if c in refs else steps, warmup=warmup, backend="gloo", threads=1)
              for c in group]
@@ -212,9 +223,19 @@ def measured_overlap_pct(ops: pa.Table) -> float | None:
 
 
 @dataclass
+class RefPoint:
+    """A reference other than the base: its config, measured median step, and the base
+    moved to its size and replayed."""
+
+    config: LiveConfig
+    measured_step_us: float
+    replayed_step_us: float | None = None
+
+
+@dataclass
 class Reference:
     """What a prediction may use: the base reference's per-step graphs, a cost model fitted
-    on its own ops, and (when captured) per-op slopes through a second reference size."""
+    on its own ops, and (when captured) per-op curves through the other reference sizes."""
 
     config: LiveConfig
     graphs: list[StepGraph]  # one per measured step of the base reference run
@@ -224,10 +245,7 @@ class Reference:
     scaling_error: str = ""
     replayed_step_us: float | None = None  # the reference's own graphs replayed (median)
     steps_pooled: int = 0  # steps whose op sequence matched, of which `graphs` is an even spread
-    # the second reference: its config, measured step and the base moved to it and replayed
-    second: LiveConfig | None = None
-    second_measured_step_us: float | None = None
-    second_replayed_step_us: float | None = None
+    points: list[RefPoint] = field(default_factory=list)
 
     @property
     def replay_factor(self) -> float:
@@ -238,28 +256,23 @@ class Reference:
             return 1.0
         return self.measured_step_us / self.replayed_step_us
 
-    @property
-    def second_replay_factor(self) -> float | None:
-        if not (self.second_replayed_step_us and self.second_measured_step_us):
-            return None
-        return self.second_measured_step_us / self.second_replayed_step_us
-
     def replay_factor_at(self, cfg: LiveConfig) -> float:
-        """The replay factor for `cfg`: along the line through the two references' factors
-        (x = tokens per rank, like every other two-point slope), held within their range
-        outside it; the base reference's factor alone when the second has none."""
-        f_a, f_b = self.replay_factor, self.second_replay_factor
-        if f_b is None or self.second is None or self.second.tokens_per_rank == self.config.tokens_per_rank:
-            return f_a
-        x_a, x_b = self.config.tokens_per_rank, self.second.tokens_per_rank
-        f = f_a + (f_b - f_a) * (cfg.tokens_per_rank - x_a) / (x_b - x_a)
-        return min(max(f, min(f_a, f_b)), max(f_a, f_b))
+        """The replay factor for `cfg`: piecewise-linear in tokens per rank (like the per-op
+        curves) through the factors of the base and every replayed reference point, held
+        at the outermost ones' beyond them; the base's alone when no point was replayed."""
+        knots = {self.config.tokens_per_rank: self.replay_factor}
+        for p in self.points:
+            if p.replayed_step_us and p.measured_step_us:
+                knots.setdefault(p.config.tokens_per_rank, p.measured_step_us / p.replayed_step_us)
+        xs = sorted(knots)
+        return float(np.interp(cfg.tokens_per_rank, xs, [knots[x] for x in xs]))
 
 
 def build_reference(cfg: LiveConfig, run_dirs: list[Path], base: CostModel, measured_step_us: float,
-                    second: tuple[LiveConfig, list[Path]] | None = None, insitu_comm: CommModel | None = None
+                    others: list[tuple[LiveConfig, list[Path], float]] = (), insitu_comm: CommModel | None = None
                     ) -> Reference:
-    """The reference of a group from all its runs (every step of every repeat)."""
+    """The reference of a group from all its runs (every step of every repeat); `others`:
+    (config, run dirs, measured median step) of the other reference sizes."""
     ops = pooled_ops([attach_work(live_ops(d), d) for d in spread(run_dirs, MAX_PARSED_VISITS)])
     graphs = step_graph(ops, per_step=True)
     pooled = len(graphs)
@@ -267,29 +280,30 @@ def build_reference(cfg: LiveConfig, run_dirs: list[Path], base: CostModel, meas
     if insitu_comm is not None:
         graphs = [note_insitu_comm(g, insitu_comm) for g in graphs]
     ref = Reference(cfg, graphs, fit_from_ops(ops, base), measured_step_us, steps_pooled=pooled)
-    if second is not None:
-        cfg_b, dirs_b = second
+    if others:
+        points = [(step_graph(ops), cfg.tokens_per_rank, cfg.seq)]
+        points += [(step_graph(pooled_ops([live_ops(d) for d in spread(dirs, MAX_PARSED_VISITS)])), c.tokens_per_rank, c.seq)
+                   for c, dirs, _ in others]
         try:
-            ref.scaling = fit_two_point(step_graph(ops), cfg.tokens_per_rank, cfg.seq,
-                                        step_graph(pooled_ops([live_ops(d) for d in spread(dirs_b, MAX_PARSED_VISITS)])),
-                                        cfg_b.tokens_per_rank, cfg_b.seq)
+            ref.scaling = fit_scaling(points)
+            ref.points = [RefPoint(c, meas) for c, _, meas in others]
         except SimulationError as err:
             ref.scaling_error = str(err)
     return ref
 
 
-def predict_graphs(ref: Reference, cfg: LiveConfig, method: str = "two-point", limit: int | None = None
+def predict_graphs(ref: Reference, cfg: LiveConfig, method: str = "piecewise", limit: int | None = None
                    ) -> list[StepGraph]:
     """Each base-reference step moved to `cfg` (same world size and mode).
 
-    method "two-point": per-op slopes through the two references (falls back to
-    "one-trace" when they are missing); "one-trace": the cost model's work scaling from the
-    base reference alone (simulator.transforms.scale_work)."""
+    method "piecewise": per-op curves through the references (falls back to "one-trace"
+    when they are missing); "one-trace": the cost model's work scaling from the base
+    reference alone (simulator.transforms.scale_work)."""
     if (cfg.world_size, cfg.mode) != (ref.config.world_size, ref.config.mode):
         raise SimulationError(f"{cfg.name}: reference {ref.config.name} has another world size or mode")
     graphs = spread(ref.graphs, limit) if limit else ref.graphs
-    if method == "two-point" and ref.scaling is not None:
-        moved = [apply_two_point(g, ref.scaling, cfg.tokens_per_rank, cfg.seq) for g in graphs]
+    if method == "piecewise" and ref.scaling is not None:
+        moved = [apply_scaling(g, ref.scaling, cfg.tokens_per_rank, cfg.seq) for g in graphs]
     else:
         token_scale = cfg.tokens_per_rank / ref.config.tokens_per_rank
         seq_scale = cfg.seq / ref.config.seq
@@ -418,31 +432,30 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
     ref_rows: list[dict] = []
     rows: list[dict] = []
     # Per (world size, mode) group: one set of ranks runs `repeats` rounds, each visiting the
-    # group's two references and its configs once (capture_group). The machine's speed
+    # group's references and its configs once (capture_group). The machine's speed
     # drifts by tens of percent over a minute (README), so a config and the references it is
     # predicted from are measured interleaved, in the same minutes, by the same processes,
     # and every figure pools all rounds. Predictions read only the references' runs.
     for key in sorted({(c.world_size, c.mode) for c in configs}):
-        rcfg = reference_of(LiveConfig(key[0], key[1], "sequential", 0, 0))
-        rcfg_b = reference_of(rcfg, second=True)
-        group = [rcfg, rcfg_b] + [c for c in configs if (c.world_size, c.mode) == key]
+        refs = references_of(LiveConfig(key[0], key[1], "sequential", 0, 0))
+        group = refs + [c for c in configs if (c.world_size, c.mode) == key]
         for c in group:  # rounds of an earlier, longer validate into this VAL must not be pooled
-            for stale in rep_dirs(runs, _run_name(c, rcfg, rcfg_b))[repeats:]:
+            for stale in rep_dirs(runs, _run_name(c, refs))[repeats:]:
                 shutil.rmtree(stale)
         live = capture_group(group, runs, steps, warmup, repeats, log)
         log(f"{key[0]} rank(s), {key[1]}: {repeats} rounds of {len(group)} configs live "
             f"(load {live[group[-1]][-1]['load_1min']}, {time.time() - t0:.0f} s)")
         alternating = {}
         if speedup_pairs > 0:
-            for size in sorted({(c.batch, c.seq) for c in group[2:]}):
-                if {c.schedule for c in group[2:] if (c.batch, c.seq) == size} == {"sequential", "shortcut"}:
+            for size in sorted({(c.batch, c.seq) for c in group[len(refs):]}):
+                if {c.schedule for c in group[len(refs):] if (c.batch, c.seq) == size} == {"sequential", "shortcut"}:
                     alternating[size] = measure_speedup(LiveConfig(key[0], key[1], "sequential", *size),
                                                         speedup_pairs, warmup, runs)
                     log(f"alternating schedules, {key[0]} rank(s) {key[1]} b{size[0]}-t{size[1]}: sequential / shortcut "
                         f"{alternating[size]:.3f} (median of {speedup_pairs} pairs)")
-        rows_ref, ref = _group_rows(runs, rcfg, rcfg_b, live, compute_model, comm_model, cores, log)
+        rows_ref, ref = _group_rows(runs, refs, live, compute_model, comm_model, cores, log)
         ref_rows += rows_ref
-        for cfg in group[2:]:
+        for cfg in group[len(refs):]:
             rows.append(_predict_and_measure(cfg, ref, comm_model, cores, runs, live[cfg], log))
             if (cfg.batch, cfg.seq) in alternating:
                 rows[-1]["measured_speedup_alternating"] = alternating[(cfg.batch, cfg.seq)]
@@ -467,44 +480,46 @@ def measure_speedup(cfg: LiveConfig, pairs: int, warmup: int, runs: Path) -> flo
     return statistics.median(a / b for a, b in zip(times["sequential"], times["shortcut"]))
 
 
-def _run_name(c: LiveConfig, rcfg: LiveConfig, rcfg_b: LiveConfig) -> str:
-    return f"ref-{c.name}" if c in (rcfg, rcfg_b) else c.name
+def _run_name(c: LiveConfig, refs: list[LiveConfig]) -> str:
+    return f"ref-{c.name}" if c in refs else c.name
 
 
-def _group_rows(runs: Path, rcfg: LiveConfig, rcfg_b: LiveConfig, live: dict, compute_model: CostModel,
+def _group_rows(runs: Path, refs: list[LiveConfig], live: dict, compute_model: CostModel,
                 comm_model: CommModel, cores: int, log) -> tuple[list[dict], Reference]:
-    """Build the group's Reference from its runs; rows for validation.json `references`
-    and the Reference itself."""
-    dirs = rep_dirs(runs, f"ref-{rcfg.name}")
-    dirs_b = rep_dirs(runs, f"ref-{rcfg_b.name}")
-    meas = statistics.median(pooled_steps_us(live[rcfg]))
-    meas_b = statistics.median(pooled_steps_us(live[rcfg_b]))
-    ref = build_reference(rcfg, dirs, compute_model, meas, (rcfg_b, dirs_b), insitu_comm=comm_model)
-    replay_us, _, _ = simulate_steps(ref.graphs, comm_model, cores)
-    ref.replayed_step_us = replay_us
-    if ref.scaling is not None:  # the base moved to the second reference's size, replayed
-        ref.second, ref.second_measured_step_us = rcfg_b, meas_b
-        ref.second_replayed_step_us = simulate_steps(predict_graphs(ref, rcfg_b), comm_model, cores)[0]
-    log(f"reference {rcfg.name}: measured {meas / 1e3:.1f} ms, replayed {replay_us / 1e3:.1f} ms "
-        f"({len(ref.graphs)} of {ref.steps_pooled} steps); second point {rcfg_b.name}: measured {meas_b / 1e3:.1f} ms"
-        + (f", replayed {ref.second_replayed_step_us / 1e3:.1f} ms" if ref.second_replayed_step_us else "")
-        + (f"; two-point fit failed: {ref.scaling_error}" if ref.scaling_error else ""))
-    loads = lambda runs_: [r.get("load_1min") for r in runs_]  # noqa: E731
-    return [
-        {"name": rcfg_b.name, "run_dirs": [str(d) for d in dirs_b], "measured_step_us": meas_b,
-         "load_1min": loads(live[rcfg_b])},
-        {"name": rcfg.name, "run_dirs": [str(d) for d in dirs], "measured_step_us": meas, "load_1min": loads(live[rcfg]),
-         "replayed_step_us": replay_us, "second_replayed_step_us": ref.second_replayed_step_us,
-         "steps_used": ref.steps_pooled, "steps_replayed": len(ref.graphs), "two_point": ref.scaling is not None,
-         "two_point_error": ref.scaling_error},
-    ], ref
+    """Build the group's Reference from the runs of its references (`refs`, the base first;
+    those without runs in `live` are left out); rows for validation.json `references` and
+    the Reference itself."""
+    base, others = refs[0], [c for c in refs[1:] if live.get(c)]
+    dirs = {c: rep_dirs(runs, f"ref-{c.name}") for c in [base] + others}
+    meas = {c: statistics.median(pooled_steps_us(live[c])) for c in [base] + others}
+    ref = build_reference(base, dirs[base], compute_model, meas[base], [(c, dirs[c], meas[c]) for c in others],
+                          insitu_comm=comm_model)
+    ref.replayed_step_us = simulate_steps(ref.graphs, comm_model, cores)[0]
+    replayed = {base: ref.replayed_step_us}
+    for p in ref.points:  # the base moved to each other reference's size, replayed
+        p.replayed_step_us = replayed[p.config] = simulate_steps(predict_graphs(ref, p.config), comm_model, cores)[0]
+    log(f"references {', '.join(c.name for c in [base] + others)}: measured / replayed "
+        + ", ".join(f"{meas[c] / 1e3:.1f} / " + (f"{replayed[c] / 1e3:.1f}" if c in replayed else "n/a") + " ms"
+                    for c in [base] + others)
+        + f" ({len(ref.graphs)} of {ref.steps_pooled} base steps replayed)"
+        + (f"; per-op fit failed: {ref.scaling_error}" if ref.scaling_error else ""))
+    rows = []
+    for c in [base] + others:
+        row = {"name": c.name, "run_dirs": [str(d) for d in dirs[c]], "measured_step_us": meas[c],
+               "load_1min": [r.get("load_1min") for r in live[c]], "replayed_step_us": replayed.get(c),
+               "base": c == base}
+        if c == base:
+            row.update({"steps_used": ref.steps_pooled, "steps_replayed": len(ref.graphs),
+                        "per_op_curves": ref.scaling is not None, "per_op_curves_error": ref.scaling_error})
+        rows.append(row)
+    return rows, ref
 
 
 def _predict_and_measure(cfg: LiveConfig, ref: Reference, comm_model: CommModel, cores: int, runs: Path,
                          live: list[dict], log) -> dict:
     """Predict `cfg` from `ref` (which never holds cfg's runs) and compare with its live
     runs (`live`: their run.json objects, one per repeat): one validation row."""
-    raw_us, pred_ov, raw_min = simulate_steps(predict_graphs(ref, cfg, "two-point"), comm_model, cores)
+    raw_us, pred_ov, raw_min = simulate_steps(predict_graphs(ref, cfg, "piecewise"), comm_model, cores)
     raw_one_us, one_ov, _ = simulate_steps(predict_graphs(ref, cfg, "one-trace", ONE_TRACE_REPLAYS), comm_model, cores)
     factor = ref.replay_factor_at(cfg)
     pred_us, pred_min, one_us = raw_us * factor, raw_min * factor, raw_one_us * factor
@@ -523,7 +538,7 @@ def _predict_and_measure(cfg: LiveConfig, ref: Reference, comm_model: CommModel,
         "measured_step_us_per_repeat": [statistics.median(pooled_steps_us([r])) for r in live],
         "predicted_step_us_fastest": pred_min, "error_pct_fastest": _err(pred_min, min(per_step)),
         "load_1min": round(statistics.mean(loads), 2) if loads else None,
-        "method": "two-point" if ref.scaling is not None else "one-trace",
+        "method": "piecewise" if ref.scaling is not None else "one-trace",
         "predicted_step_us_one_trace": one_us, "error_pct_one_trace": _err(one_us, meas_us),
         "predicted_overlap_pct_one_trace": one_ov,
     }
@@ -549,17 +564,22 @@ def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores:
                      for r in old.get("references", [])}
     rows, ref_rows = [], []
     for key in sorted({(c.world_size, c.mode) for c in configs}):
-        rcfg = reference_of(LiveConfig(key[0], key[1], "sequential", 0, 0))
-        rcfg_b = reference_of(rcfg, second=True)
-        group = [rcfg, rcfg_b] + [c for c in configs if (c.world_size, c.mode) == key]
-        live = {c: [read_run_json(d) for d in rep_dirs(runs, _run_name(c, rcfg, rcfg_b))[: old.get("repeats") or None]]
+        refs = references_of(LiveConfig(key[0], key[1], "sequential", 0, 0))
+        # a VAL captured before a reference size was added has no runs for it: predict without it
+        group = [c for c in refs if (runs / _run_name(c, refs)).is_dir()]
+        if refs[0] not in group:
+            raise SimulationError(f"{runs}: no runs of the base reference {refs[0].name}")
+        group += [c for c in configs if (c.world_size, c.mode) == key]
+        live = {c: [read_run_json(d) for d in rep_dirs(runs, _run_name(c, refs))[: old.get("repeats") or None]]
                 for c in group}
-        for c in (rcfg, rcfg_b):
-            for run, load in zip(live[c], old_ref_loads.get(c.name) or []):
+        for c in refs:
+            for run, load in zip(live.get(c, []), old_ref_loads.get(c.name) or []):
                 run.setdefault("load_1min", load)
-        rows_ref, ref = _group_rows(runs, rcfg, rcfg_b, live, compute_model, comm_model, cores, log)
+        rows_ref, ref = _group_rows(runs, refs, live, compute_model, comm_model, cores, log)
         ref_rows += rows_ref
-        for cfg in group[2:]:
+        for cfg in group:
+            if cfg in refs:
+                continue
             # run.json keeps no load: carry the one the capture recorded
             for run, load in zip(live[cfg], old_loads.get(cfg.name) or []):
                 run.setdefault("load_1min", load)

@@ -5,7 +5,7 @@ import pytest
 
 from simulator.costmodel import CostModel, DeviceSpec, KindFit
 from simulator.errors import SimulationError
-from simulator.transforms import apply_two_point, fit_two_point, scale_experts, scale_work, set_schedule, set_world_size, step_graph
+from simulator.transforms import apply_scaling, fit_scaling, scale_experts, scale_work, set_schedule, set_world_size, step_graph
 from traces.schema import make_ops
 
 
@@ -168,20 +168,23 @@ def test_set_world_size_replicates_ranks_and_groups():
         assert all(g.rank[d] == g.rank[i] for d in g.deps[i])
 
 
-def test_two_point_scaling_is_exact_for_linear_and_attention_ops():
+def _sized_graph(tokens, seq, linear_us):
+    """A linear op of duration linear_us(tokens), attention 2 + 0.01·tokens·seq, an
+    optimizer op that does not grow (its +tokens % 3 must not be followed)."""
+    rows = [dict(id=0, name="aten::linear", label="L0/mlp0", start_us=0, dur_us=linear_us(tokens), step=0),
+            dict(id=1, name="aten::scaled_dot_product_attention", label="L0/attn0", start_us=1000,
+                 dur_us=2 + 0.01 * tokens * seq, step=0),
+            dict(id=2, name="aten::add_", label="Optimizer.step#AdamW.step", start_us=5000, dur_us=7 + tokens % 3, step=0)]
+    return step_graph(_table(rows))
+
+
+def test_scaling_through_two_references_is_exact_for_linear_and_attention_ops():
     """dur = 3 + 0.5·tokens for a linear op, 2 + 0.01·tokens·seq for attention, an optimizer
-    op fixed: two references pin the slopes, a third size is predicted exactly."""
-
-    def graph(tokens, seq):
-        rows = [dict(id=0, name="aten::linear", label="L0/mlp0", start_us=0, dur_us=3 + 0.5 * tokens, step=0),
-                dict(id=1, name="aten::scaled_dot_product_attention", label="L0/attn0", start_us=1000,
-                     dur_us=2 + 0.01 * tokens * seq, step=0),
-                dict(id=2, name="aten::add_", label="Optimizer.step#AdamW.step", start_us=5000, dur_us=7 + tokens % 3, step=0)]
-        return step_graph(_table(rows))
-
-    a, b = graph(64, 32), graph(256, 64)
-    s = fit_two_point(a, 64, 32, b, 256, 64)
-    out = apply_two_point(a, s, 512, 128)
+    op fixed: two references pin the lines, a third size is predicted exactly."""
+    line = lambda t: 3 + 0.5 * t  # noqa: E731
+    a, b = _sized_graph(64, 32, line), _sized_graph(256, 64, line)
+    s = fit_scaling([(a, 64, 32), (b, 256, 64)])
+    out = apply_scaling(a, s, 512, 128)
     want = {"aten::linear": 3 + 0.5 * 512, "aten::scaled_dot_product_attention": 2 + 0.01 * 512 * 128, "aten::add_": 8}
     for i in range(out.n):
         assert out.dur_us[i] == pytest.approx(want[out.name[i]])
@@ -189,4 +192,28 @@ def test_two_point_scaling_is_exact_for_linear_and_attention_ops():
     att = out.name.index("aten::scaled_dot_product_attention")
     assert out.gap_us[att] == pytest.approx(max(965 + (869 - 965) / (256 - 64) * (512 - 64), 0.0))
     with pytest.raises(SimulationError, match="different token counts"):
-        fit_two_point(a, 64, 32, a, 64, 32)
+        fit_scaling([(a, 64, 32), (a, 64, 32)])
+    with pytest.raises(SimulationError, match="at least two"):
+        fit_scaling([(a, 64, 32)])
+
+
+def test_scaling_through_three_references_follows_each_segment():
+    """A linear op with a kink (flat 40 µs up to 64 tokens, then 40 + 0.25·(tokens − 64)),
+    references at 32, 96 (the base, given first) and 384 tokens: a size between two
+    references lies on their segment, one beyond the largest on the last segment; a
+    straight line through the outer two alone would miss the kink."""
+    kink = lambda t: 40 + 0.25 * max(t - 64, 0)  # noqa: E731
+    base, small, large = _sized_graph(96, 48, kink), _sized_graph(32, 32, kink), _sized_graph(384, 96, kink)
+    s = fit_scaling([(base, 96, 48), (small, 32, 32), (large, 384, 96)])
+    lin = base.name.index("aten::linear")
+    att = base.name.index("aten::scaled_dot_product_attention")
+    for tokens, want in ((64, 40 + (48 - 40) * (64 - 32) / (96 - 32)),  # on the 32–96 segment
+                         (256, 48 + (120 - 48) * (256 - 96) / (384 - 96)),  # on the 96–384 segment
+                         (512, 48 + (120 - 48) * (512 - 96) / (384 - 96)),  # beyond: the last segment
+                         (16, 40 + (48 - 40) * (16 - 32) / (96 - 32))):  # below: the first segment
+        out = apply_scaling(base, s, tokens, 32)
+        assert out.dur_us[lin] == pytest.approx(want)
+        assert out.dur_us[att] == pytest.approx(2 + 0.01 * tokens * 32)  # linear in tokens·seq: exact anywhere
+    # the reference order does not matter, only which one is the base
+    s2 = fit_scaling([(base, 96, 48), (large, 384, 96), (small, 32, 32)])
+    assert apply_scaling(base, s2, 64, 32).dur_us[lin] == pytest.approx(44.0)

@@ -6,7 +6,8 @@ import pytest
 
 from moesim.cli import main
 from simulator.validate import (
-    REFERENCE_SIZE, LiveConfig, mark_sync, matrix, pooled_ops, pooled_steps_us, reference_of, rep_dirs, summarise,
+    REFERENCE_SIZE, LiveConfig, mark_sync, matrix, pooled_ops, pooled_steps_us, reference_of, references_of, rep_dirs,
+    summarise,
 )
 from traces.schema import make_ops
 
@@ -20,10 +21,15 @@ def test_matrix_covers_the_issue_and_never_contains_its_reference():
     quick = matrix(quick=True)
     assert len(quick) == 4 and set(quick) <= set(full)
     for c in full:
-        ref, ref_b = reference_of(c), reference_of(c, second=True)
-        assert (ref.batch, ref.seq) == REFERENCE_SIZE and ref not in full  # never its own trace
-        assert ref_b not in full and ref_b.tokens_per_rank != ref.tokens_per_rank
-        assert c.batch % c.world_size == 0
+        refs = references_of(c)
+        assert refs[0] == reference_of(c) and (refs[0].batch, refs[0].seq) == REFERENCE_SIZE
+        assert not set(refs) & set(full)  # never its own trace
+        assert len({r.tokens_per_rank for r in refs}) == len(refs) >= 3
+        # every matrix size lies within the references' span: the per-op curves interpolate
+        assert min(r.tokens_per_rank for r in refs) < c.tokens_per_rank < max(r.tokens_per_rank for r in refs)
+        attn_x = [r.tokens_per_rank * r.seq for r in refs]  # attention's x
+        assert min(attn_x) < c.tokens_per_rank * c.seq < max(attn_x)
+        assert all(r.batch % r.world_size == 0 for r in refs) and c.batch % c.world_size == 0
 
 
 def _row(name, w, sched, pred, meas, b=4, t=32):
@@ -165,19 +171,24 @@ def test_spread_keeps_the_ends_and_spaces_evenly():
     assert spread(list(range(101)), 3) == [0, 50, 100]
 
 
-def test_replay_factor_runs_along_the_two_references():
-    """The measured/replayed factor at a config: linear in tokens per rank through the two
-    references' factors, held within them outside; the base's alone without a second."""
-    from simulator.validate import Reference
+def test_replay_factor_runs_through_the_references():
+    """The measured/replayed factor at a config: piecewise-linear in tokens per rank through
+    the references' factors, held at the outermost ones beyond them; the base's alone
+    while no other reference has been replayed."""
+    from simulator.validate import RefPoint, Reference
 
-    a, b = LiveConfig(2, "prefill", "sequential", 4, 48), LiveConfig(2, "prefill", "sequential", 8, 96)
-    ref = Reference(a, [], None, measured_step_us=105.0, replayed_step_us=100.0)
+    base = LiveConfig(2, "prefill", "sequential", 4, 48)  # 96 tokens per rank
+    ref = Reference(base, [], None, measured_step_us=105.0, replayed_step_us=100.0)
     assert ref.replay_factor_at(LiveConfig(2, "prefill", "shortcut", 8, 64)) == pytest.approx(1.05)
-    ref.second, ref.second_measured_step_us, ref.second_replayed_step_us = b, 330.0, 300.0
-    # tokens per rank: a 96, b 384; 256 lies 160/288 of the way from 1.05 to 1.10
+    ref.points = [RefPoint(LiveConfig(2, "prefill", "sequential", 8, 96), 330.0, 300.0),  # 384 tokens: 1.10
+                  RefPoint(LiveConfig(2, "prefill", "sequential", 2, 32), 120.0, None)]  # not replayed: unused
+    # 256 lies 160/288 of the way from 1.05 to 1.10
     assert ref.replay_factor_at(LiveConfig(2, "prefill", "shortcut", 8, 64)) == pytest.approx(1.05 + 0.05 * 160 / 288)
     assert ref.replay_factor_at(LiveConfig(2, "prefill", "sequential", 4, 32)) == pytest.approx(1.05)  # 64 < 96
     assert ref.replay_factor_at(LiveConfig(2, "prefill", "sequential", 16, 128)) == pytest.approx(1.10)
+    ref.points[1].replayed_step_us = 100.0  # 32 tokens: 1.20; 64 lies halfway from 1.20 to 1.05
+    assert ref.replay_factor_at(LiveConfig(2, "prefill", "sequential", 4, 32)) == pytest.approx((1.20 + 1.05) / 2)
+    assert ref.replay_factor_at(LiveConfig(2, "prefill", "sequential", 2, 16)) == pytest.approx(1.20)
 
 
 class _LinearComm:
