@@ -172,13 +172,15 @@ def _prepare_rank_step(rows: dict[str, np.ndarray | list], idx: np.ndarray) -> t
     return idx.tolist(), own, gap, deps
 
 
-def step_graph(ops: pa.Table, steps: list[int] | None = None, stat: str = "mean", per_step: bool = False
-               ) -> StepGraph | list[StepGraph]:
+def step_graph(ops: pa.Table, steps: list[int] | None = None, stat: str = "mean", per_step: bool = False,
+               every_step: bool = False) -> StepGraph | list[StepGraph]:
     """One typical step of a live trace (module docstring); `stat` ("mean" or "median") over
     `steps` (default: every step ≥ 0 whose op sequence matches the most common one).
     per_step=True: one graph per such step instead (replaying each and taking the median
     keeps the straggler effect of per-step noise: a synchronous step waits for the slowest
-    rank in every exchange, which an averaged step smooths away)."""
+    rank in every exchange, which an averaged step smooths away); with every_step=True, one
+    per step whatever its op sequence (e.g. for totals: an expert that received no tokens
+    in a step runs no ops)."""
     if stat not in ("mean", "median"):
         raise SimulationError(f"step_graph: stat {stat!r}, expected mean or median")
     reduce = np.mean if stat == "mean" else np.median
@@ -212,7 +214,7 @@ def step_graph(ops: pa.Table, steps: list[int] | None = None, stat: str = "mean"
     used = [s for s in all_steps if signatures[s] == template_sig]
     skipped = [s for s in all_steps if s not in used]
     if per_step:
-        return [_assemble(rows, ranks, prepared, [s], reduce, skipped) for s in used]
+        return [_assemble(rows, ranks, prepared, [s], reduce, skipped) for s in (all_steps if every_step else used)]
     return _assemble(rows, ranks, prepared, used, reduce, skipped)
 
 
@@ -489,19 +491,38 @@ def _block(label: str) -> str:
     return m.group(2) if m else label
 
 
-def _group_ratios(keys: list, values: list[np.ndarray]) -> np.ndarray:
-    """(K, N): each op's group total at reference k over its total at reference 0 (1 for
-    ops without a group or with no time at the base)."""
-    out = np.ones((len(values), len(keys)))
-    groups: dict = defaultdict(list)
-    for i, k in enumerate(keys):
-        if k is not None:
-            groups[k].append(i)
-    for idx in groups.values():
-        base = float(values[0][idx].sum())
+def _group_keys(g: StepGraph) -> tuple[list, list, list]:
+    """Per op of g: its duration group (block kind, name), gap group (block kind) and
+    payload group (block kind, collective); None where the quantity does not scale (fixed
+    labels: optimizer, gradient sync; metadata-sized collectives)."""
+    fixed = [_fixed(lbl) for lbl in g.label]
+    is_comm = [k == "comm" for k in g.kind]
+    dur = [None if fixed[i] or is_comm[i] else (_block(g.label[i]), g.name[i]) for i in range(g.n)]
+    gap = [None if fixed[i] or is_comm[i] else (_block(g.label[i]), "gap") for i in range(g.n)]
+    payload = [(_block(g.label[i]), g.coll[i]) if is_comm[i] and not fixed[i] and g.coll_bytes[i] >= METADATA_BYTES
+               else None for i in range(g.n)]
+    return dur, gap, payload
+
+
+def _group_totals(graphs: list[StepGraph]) -> tuple[dict, dict, dict]:
+    """Mean per graph of each group's total duration, gap and payload."""
+    totals: tuple[dict, dict, dict] = (defaultdict(float), defaultdict(float), defaultdict(float))
+    for g in graphs:
+        for keys, values, out in zip(_group_keys(g), (g.dur_us, g.gap_us, g.coll_bytes), totals):
+            for k, v in zip(keys, values):
+                if k is not None:
+                    out[k] += float(v) / len(graphs)
+    return totals
+
+
+def _ratios(keys: list, per_point: list[dict]) -> np.ndarray:
+    """(K, N): each op's group total at point k over its total at point 0 (1 for ops
+    without a group or with no time at the base)."""
+    out = np.ones((len(per_point), len(keys)))
+    for i, key in enumerate(keys):
+        base = per_point[0].get(key, 0.0) if key is not None else 0.0
         if base > 0:
-            for k, v in enumerate(values):
-                out[k, idx] = float(v[idx].sum()) / base
+            out[:, i] = [t.get(key, 0.0) / base for t in per_point]
     return out
 
 
@@ -515,31 +536,24 @@ def piecewise_ratio(xs: np.ndarray, ratios: np.ndarray, x: float) -> np.ndarray:
     return ratios[j] + (ratios[j + 1] - ratios[j]) * w
 
 
-def fit_scaling(points: list[tuple[StepGraph, float, float]]) -> OpScaling:
-    """Group-wise ratios (see OpScaling) from graphs of the same op sequence at two or more
-    sizes, each (graph, tokens per rank, seq); the first is the base. Ops with a fixed
-    label (optimizer, gradient sync) keep their duration."""
+def fit_scaling(template: StepGraph, points: list[tuple[list[StepGraph], float, float]]) -> OpScaling:
+    """Group-wise ratios (see OpScaling) for the ops of `template` (a graph of the base
+    reference) from the steps of two or more reference sizes, each (its per-step graphs,
+    tokens per rank, seq); the first is the base. Groups are matched by key, not op by op,
+    so references may run different op sequences (an expert with no tokens runs no ops).
+    Ops with a fixed label (optimizer, gradient sync) keep their duration."""
     if len(points) < 2:
         raise SimulationError("fit_scaling: needs at least two reference sizes")
-    a = points[0][0]
-    for g, _, _ in points[1:]:
-        if g.n != a.n or g.name != a.name or g.lane != a.lane:
-            raise SimulationError("fit_scaling: the reference runs executed different op sequences")
+    if any(not graphs for graphs, _, _ in points):
+        raise SimulationError("fit_scaling: a reference has no steps")
     tokens = np.array([float(t) for _, t, _ in points])
     seqs = np.array([float(q) for _, _, q in points])
     if len(set(tokens)) < len(tokens) or len(set(tokens * seqs)) < len(tokens):
         raise SimulationError("fit_scaling: the references need different token counts (and tokens · seq)")
-    attn = np.array([classify(n) == "attention" for n in a.name])
-    fixed = [_fixed(lbl) for lbl in a.label]
-    is_comm = [k == "comm" for k in a.kind]
-    dur_keys = [None if fixed[i] or is_comm[i] else (_block(a.label[i]), a.name[i]) for i in range(a.n)]
-    gap_keys = [None if fixed[i] or is_comm[i] else (_block(a.label[i]), "gap") for i in range(a.n)]
-    byte_keys = [(_block(a.label[i]), a.coll[i]) if is_comm[i] and not fixed[i] and a.coll_bytes[i] >= METADATA_BYTES
-                 else None for i in range(a.n)]
-    graphs = [g for g, _, _ in points]
-    return OpScaling(attn, tokens, seqs, _group_ratios(dur_keys, [g.dur_us for g in graphs]),
-                     _group_ratios(gap_keys, [g.gap_us for g in graphs]),
-                     _group_ratios(byte_keys, [g.coll_bytes for g in graphs]))
+    totals = [_group_totals(graphs) for graphs, _, _ in points]
+    keys = _group_keys(template)
+    attn = np.array([classify(n) == "attention" for n in template.name])
+    return OpScaling(attn, tokens, seqs, *(_ratios(keys[q], [t[q] for t in totals]) for q in range(3)))
 
 
 def apply_scaling(g: StepGraph, scaling: OpScaling, tokens: float, seq: float) -> StepGraph:

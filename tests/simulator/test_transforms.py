@@ -183,7 +183,7 @@ def test_scaling_through_two_references_is_exact_for_linear_and_attention_ops():
     op fixed: two references pin the lines, a third size is predicted exactly."""
     line = lambda t: 3 + 0.5 * t  # noqa: E731
     a, b = _sized_graph(64, 32, line), _sized_graph(256, 64, line)
-    s = fit_scaling([(a, 64, 32), (b, 256, 64)])
+    s = fit_scaling(a, [([a], 64, 32), ([b], 256, 64)])
     out = apply_scaling(a, s, 512, 128)
     want = {"aten::linear": 3 + 0.5 * 512, "aten::scaled_dot_product_attention": 2 + 0.01 * 512 * 128, "aten::add_": 8}
     for i in range(out.n):
@@ -192,9 +192,11 @@ def test_scaling_through_two_references_is_exact_for_linear_and_attention_ops():
     att = out.name.index("aten::scaled_dot_product_attention")
     assert out.gap_us[att] == pytest.approx(max(965 + (869 - 965) / (256 - 64) * (512 - 64), 0.0))
     with pytest.raises(SimulationError, match="different token counts"):
-        fit_scaling([(a, 64, 32), (a, 64, 32)])
+        fit_scaling(a, [([a], 64, 32), ([a], 64, 32)])
     with pytest.raises(SimulationError, match="at least two"):
-        fit_scaling([(a, 64, 32)])
+        fit_scaling(a, [([a], 64, 32)])
+    with pytest.raises(SimulationError, match="no steps"):
+        fit_scaling(a, [([a], 64, 32), ([], 256, 64)])
 
 
 def test_scaling_through_three_references_follows_each_segment():
@@ -204,7 +206,7 @@ def test_scaling_through_three_references_follows_each_segment():
     straight line through the outer two alone would miss the kink."""
     kink = lambda t: 40 + 0.25 * max(t - 64, 0)  # noqa: E731
     base, small, large = _sized_graph(96, 48, kink), _sized_graph(32, 32, kink), _sized_graph(384, 96, kink)
-    s = fit_scaling([(base, 96, 48), (small, 32, 32), (large, 384, 96)])
+    s = fit_scaling(base, [([base], 96, 48), ([small], 32, 32), ([large], 384, 96)])
     lin = base.name.index("aten::linear")
     att = base.name.index("aten::scaled_dot_product_attention")
     for tokens, want in ((64, 40 + (48 - 40) * (64 - 32) / (96 - 32)),  # on the 32–96 segment
@@ -215,5 +217,22 @@ def test_scaling_through_three_references_follows_each_segment():
         assert out.dur_us[lin] == pytest.approx(want)
         assert out.dur_us[att] == pytest.approx(2 + 0.01 * tokens * 32)  # linear in tokens·seq: exact anywhere
     # the reference order does not matter, only which one is the base
-    s2 = fit_scaling([(base, 96, 48), (large, 384, 96), (small, 32, 32)])
+    s2 = fit_scaling(base, [([base], 96, 48), ([large], 384, 96), ([small], 32, 32)])
     assert apply_scaling(base, s2, 64, 32).dur_us[lin] == pytest.approx(44.0)
+
+
+def test_scaling_matches_groups_not_op_sequences():
+    """References may run different op sequences (an expert with no tokens runs no ops):
+    ratios come from group totals averaged over each reference's steps. Base steps: two
+    expert linears of 10 µs each; at the small size one step runs both at 4 µs, the other
+    only one: the group's mean total is (8 + 4) / 2 = 6 µs against 20, ratio 0.3."""
+
+    def experts(durs, step):
+        rows = [dict(id=10 * step + k, name="aten::linear", label="L0/experts", start_us=100 * k, dur_us=d, step=step)
+                for k, d in enumerate(durs)]
+        return step_graph(_table(rows))
+
+    base = experts([10, 10], 0)
+    s = fit_scaling(base, [([base], 96, 48), ([experts([4, 4], 0), experts([4], 1)], 32, 32)])
+    out = apply_scaling(base, s, 32, 32)
+    assert out.dur_us.tolist() == pytest.approx([3.0, 3.0])

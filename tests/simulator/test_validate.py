@@ -245,3 +245,22 @@ def test_collectives_replay_at_their_in_situ_duration(per_us, expected):
     plain = step_graph(make_ops(cols))
     plain.coll_bytes = plain.coll_bytes * 2
     assert min(d for d, _ in comm_spans(plain)) == pytest.approx(5.0 + 2000.0 / per_us)
+
+
+def test_replayed_overlap_is_pooled_like_the_measured_one(monkeypatch):
+    """Predicted overlap pools hidden and comm time over the replays per rank (as the live
+    side's one compute_metrics over all steps does), then averages the ranks: replays with
+    (comm, hidden) 10/9 and 90/9 on rank 0 give 18 / 100 = 18 %, not the 50 % a mean of
+    per-replay ratios would; rank 1 (40/10 twice) 25 %; mean 21.5 %."""
+    import simulator.validate as v
+
+    figures = iter([({"0": (10.0, 9.0), "1": (40.0, 10.0)}, 100.0), ({"0": (90.0, 9.0), "1": (40.0, 10.0)}, 300.0)])
+
+    def fake(g, comm, cores, slow_under_comm=False):
+        ranks, step_us = next(figures)
+        return step_us, {"ranks": {r: {"comm_us": c, "hidden_comm_us": h} for r, (c, h) in ranks.items()}}, None
+
+    monkeypatch.setattr(v, "simulate_graph", fake)
+    median_us, overlap, fastest = v.simulate_steps([object(), object()], comm=None, cores=2)
+    assert (median_us, fastest) == (200.0, 100.0)
+    assert overlap == pytest.approx((18.0 + 25.0) / 2)
