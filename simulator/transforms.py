@@ -13,10 +13,12 @@ what each op itself costs, with the time spent *waiting* removed, because the re
 recompute waiting for the new configuration:
   - a collective's issuing op that returns only after the collective ends (a synchronous
     call) keeps its time minus the collective's; its lane successor waits for the collective;
-  - when a collective ends while its rank's issuing lane sits idle (a gap) or inside a wait
-    op (`WAIT_RE`), that wait is a dependency: the op after the gap / the wait op waits for
-    the collective and keeps only the time after it ended; an async collective that ends
-    under running compute is joined at the next wait op;
+  - when a collective ends while its rank's issuing lane sits idle (a gap), inside a wait
+    op (`WAIT_RE`) or inside the autograd node right after the issuing op (the rest of a
+    backward that issued it with a blocking call), that wait is a dependency: the op after
+    the gap / the waiting op waits for the collective and keeps only the time after it
+    ended; an async collective that ends under running compute is joined at the next wait
+    op;
   - the idle time before each op on a lane (Python, dispatcher: `gap_us`) is kept as is;
   - durations and gaps are averaged over the measured steps position by position (the steps
     of a run execute the same op sequence). The mean, not the median: on a shared CPU,
@@ -40,6 +42,7 @@ from simulator.costmodel import CostModel, classify
 from simulator.errors import SimulationError
 
 WAIT_RE = re.compile(r"wait", re.I)
+AUTOGRAD_NODE_PREFIX = "autograd::engine::evaluate_function"
 # Labels whose work does not grow with tokens: gradient sync and the optimizer.
 FIXED_LABEL_PREFIXES = ("grad_sync", "Optimizer", "optimizer")
 # Collectives smaller than this are metadata (split counts), not token payloads.
@@ -160,7 +163,11 @@ def _prepare_rank_step(rows: dict[str, np.ndarray | list], idx: np.ndarray) -> t
         if holder is None and gap_hit is not None and (gap_hit == after[0] or end[after[after.index(gap_hit) - 1]] <= e):
             deps[gap_hit].append(c)  # idle until the collective ended: waited in a gap
             gap[gap_hit] = max(start[gap_hit] - e, 0.0)
-        elif holder is not None and WAIT_RE.search(name[holder]):
+        elif holder is not None and (WAIT_RE.search(name[holder]) or (
+                holder == after[0] and kind[holder] == "host" and name[holder].startswith(AUTOGRAD_NODE_PREFIX))):
+            # a wait op, or the rest of an autograd node that issued the collective with a
+            # blocking call (a synchronous all_to_all in a backward: the c10d op returns at
+            # once, the node when the collective is done)
             deps[holder].append(c)
             own[holder] = end[holder] - e
             joined.add(holder)

@@ -72,6 +72,35 @@ def test_synchronous_issuer_keeps_only_its_own_time():
     assert at["gloo:all_reduce"] in g.deps[at["aten::add"]]
 
 
+def test_autograd_node_around_a_blocking_collective_waits_for_it():
+    """A backward that issues a synchronous all_to_all: the c10d op returns at once (0–2),
+    the autograd node that called it holds the lane until the collective ends at 30, then
+    works 1 µs. The node waits for the collective and keeps 1 µs; the backward op after it
+    must not run beside the collective (a plain host op in its place would be taken as
+    compute under an async collective, joined at the next wait op)."""
+    from simulator.cluster import cpu_loopback
+    from simulator.engine import simulate
+
+    rows = [
+        dict(id=0, name="c10d::alltoall_base_", kind="host", label="backward", start_us=0, dur_us=2, step=0),
+        dict(id=1, lane="cpu:gloo", kind="comm", name="gloo:all_to_all", coll="all_to_all", label="backward",
+             start_us=2, dur_us=28, coll_bytes=1e6, deps=[0], step=0),
+        dict(id=2, name="autograd::engine::evaluate_function: _ExchangeStartBackward", kind="host", label="backward",
+             start_us=2, dur_us=29, step=0),
+        dict(id=3, name="autograd::engine::evaluate_function: MmBackward0", label="backward", start_us=31, dur_us=10, step=0),
+    ]
+    g = step_graph(_table(rows))
+    at = {n.split(": ")[-1]: i for i, n in enumerate(g.name)}
+    assert at["gloo:all_to_all"] in g.deps[at["_ExchangeStartBackward"]]
+    assert g.dur_us[at["_ExchangeStartBackward"]] == pytest.approx(1.0)
+    ops, gap = g.to_ops()
+    sim = simulate(ops, cpu_loopback(1, 4), comm_from_trace=True, gap_us=gap,
+                   compute_time=lambda t_, c: t_.column("dur_us").to_numpy())
+    start = dict(zip(sim.column("name").to_pylist(), sim.column("start_us").to_numpy()))
+    comm_end = start["gloo:all_to_all"] + 28
+    assert start["autograd::engine::evaluate_function: MmBackward0"] >= comm_end - 1e-6
+
+
 def _fit_model():
     fit = KindFit("aten::linear", overhead_us=5.0, us_per_mflop=1.0, us_per_mb=0.0)
     return CostModel(DeviceSpec("d", 1e12, 1e11, 5.0), {"aten::linear": fit,
