@@ -274,14 +274,16 @@ def build_reference(cfg: LiveConfig, run_dirs: list[Path], base: CostModel, meas
     """The reference of a group from all its runs (every step of every repeat); `others`:
     (config, run dirs, measured median step) of the other reference sizes."""
     ops = pooled_ops([attach_work(live_ops(d), d) for d in spread(run_dirs, MAX_PARSED_VISITS)])
-    graphs = step_graph(ops, per_step=True)
+    every_step = step_graph(ops, per_step=True, every_step=True)  # the per-op curves' totals read all
+    # replays need the steps that ran the common op sequence
+    graphs = [g for g in every_step if g.notes["steps"][0] not in g.notes["steps_skipped"]]
     pooled = len(graphs)
     graphs = spread(graphs, MAX_REPLAYED_STEPS)
     if insitu_comm is not None:
         graphs = [note_insitu_comm(g, insitu_comm) for g in graphs]
     ref = Reference(cfg, graphs, fit_from_ops(ops, base), measured_step_us, steps_pooled=pooled)
     if others:
-        points = [(step_graph(ops, per_step=True, every_step=True), cfg.tokens_per_rank, cfg.seq)]
+        points = [(every_step, cfg.tokens_per_rank, cfg.seq)]
         points += [(step_graph(pooled_ops([live_ops(d) for d in spread(dirs, MAX_PARSED_VISITS)]), per_step=True,
                                every_step=True), c.tokens_per_rank, c.seq) for c, dirs, _ in others]
         try:
