@@ -502,21 +502,22 @@ def _group_rows(runs: Path, refs: list[LiveConfig], live: dict, compute_model: C
     those without runs in `live` are left out); rows for validation.json `references` and
     the Reference itself."""
     base, others = refs[0], [c for c in refs[1:] if live.get(c)]
-    dirs = {c: rep_dirs(runs, f"ref-{c.name}") for c in [base] + others}
-    meas = {c: statistics.median(pooled_steps_us(live[c])) for c in [base] + others}
+    used = [base] + others
+    dirs = {c: rep_dirs(runs, f"ref-{c.name}") for c in used}
+    meas = {c: statistics.median(pooled_steps_us(live[c])) for c in used}
     ref = build_reference(base, dirs[base], compute_model, meas[base], [(c, dirs[c], meas[c]) for c in others],
                           insitu_comm=comm_model)
     ref.replayed_step_us = simulate_steps(ref.graphs, comm_model, cores)[0]
     replayed = {base: ref.replayed_step_us}
     for p in ref.points:  # the base moved to each other reference's size, replayed
         p.replayed_step_us = replayed[p.config] = simulate_steps(predict_graphs(ref, p.config), comm_model, cores)[0]
-    log(f"references {', '.join(c.name for c in [base] + others)}: measured / replayed "
+    log(f"references {', '.join(c.name for c in used)}: measured / replayed "
         + ", ".join(f"{meas[c] / 1e3:.1f} / " + (f"{replayed[c] / 1e3:.1f}" if c in replayed else "n/a") + " ms"
-                    for c in [base] + others)
+                    for c in used)
         + f" ({len(ref.graphs)} of {ref.steps_pooled} base steps replayed)"
         + (f"; per-op fit failed: {ref.scaling_error}" if ref.scaling_error else ""))
     rows = []
-    for c in [base] + others:
+    for c in used:
         row = {"name": c.name, "run_dirs": [str(d) for d in dirs[c]], "measured_step_us": meas[c],
                "load_1min": [r.get("load_1min") for r in live[c]], "replayed_step_us": replayed.get(c),
                "base": c == base}
@@ -581,17 +582,15 @@ def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores:
         group = [c for c in refs if (runs / _run_name(c, refs)).is_dir()]
         if refs[0] not in group:
             raise SimulationError(f"{runs}: no runs of the base reference {refs[0].name}")
-        group += [c for c in configs if (c.world_size, c.mode) == key]
+        members = [c for c in configs if (c.world_size, c.mode) == key]
         live = {c: [read_run_json(d) for d in rep_dirs(runs, _run_name(c, refs))[: old.get("repeats") or None]]
-                for c in group}
+                for c in group + members}
         for c in refs:
             for run, load in zip(live.get(c, []), old_ref_loads.get(c.name) or []):
                 run.setdefault("load_1min", load)
         rows_ref, ref = _group_rows(runs, refs, live, compute_model, comm_model, cores, log)
         ref_rows += rows_ref
-        for cfg in group:
-            if cfg in refs:
-                continue
+        for cfg in members:
             # run.json keeps no load: carry the one the capture recorded
             for run, load in zip(live[cfg], old_loads.get(cfg.name) or []):
                 run.setdefault("load_1min", load)
