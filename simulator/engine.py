@@ -118,6 +118,12 @@ class Simulation:
     own traced tail after the last arrival, so a live trace replays exactly (replay sets it);
     without it every rank ends after the shortest duration of the collective's ops (what a
     table whose comm dur_us holds predicted transfer times needs).
+    comm_load_exponent: on a cpu cluster, a collective timed from dur_us (comm_from_trace /
+    unsized_from_trace) progresses at speed factor ** exponent, factor being the cores'
+    share per job (compute ops plus one job per rank in a transfer): 0 keeps the traced time
+    whatever the load; 1 is plain processor sharing, as modelled transfers get; a calibrated
+    exponent above 1 says the transfer threads lose more than their share (they sleep on
+    the network and wait for a core on every wake-up).
     """
 
     def __init__(
@@ -134,6 +140,7 @@ class Simulation:
         fuse: bool = True,
         unsized_from_trace: bool = False,
         trace_tails: bool = False,
+        comm_load_exponent: float = 0.0,
     ):
         self.ops = ops
         self.cluster = cluster
@@ -194,6 +201,9 @@ class Simulation:
         self._tail_extra: dict[int, float] = {}
         self.unsized_from_trace = unsized_from_trace
         self.trace_tails = trace_tails
+        if comm_load_exponent < 0:
+            raise SimulationError(f"comm_load_exponent must be ≥ 0, got {comm_load_exponent}")
+        self.comm_load_exponent = comm_load_exponent if self.cpu is not None else 0.0
         if trace_tails:
             self._trace_start = start[order].tolist()
             self._trace_end = (start + ops.column("dur_us").to_numpy())[order].tolist()
@@ -608,7 +618,10 @@ class Simulation:
                 # is the transfer (also right when dur_us holds a predicted transfer time)
                 t = max(min(self.dur[p] for p in members), 0.0)
             if t > 0:
-                yield env.timeout(t)
+                if self.comm_load_exponent > 0:
+                    yield from self._loaded_transfer(t)
+                else:
+                    yield env.timeout(t)
         else:
             for latency_us, flows in self._plan(rdv.key, members):
                 if latency_us > 0:
@@ -618,6 +631,23 @@ class Simulation:
         if self.cpu is not None:
             self._cpu_jobs(-len(members))
         rdv.event.succeed()
+
+    def _loaded_transfer(self, work_us: float):
+        """A timed transfer of work_us at idle speed, slowed while the cores are shared."""
+        env = self.env
+        cpu = self.cpu
+        running = self.running.setdefault(-1, {})
+        proc = env.active_process
+        running[proc] = None
+        while work_us > 0:
+            speed = cpu.factor**self.comm_load_exponent
+            t0 = env.now
+            try:
+                yield env.timeout(work_us / speed)
+                break
+            except simpy.Interrupt:
+                work_us -= (env.now - t0) * speed
+        del running[proc]
 
     def ops_dur_trace(self, pos: int) -> float:
         return float(self.dur[pos])

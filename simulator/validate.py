@@ -21,7 +21,8 @@ own runs, two ways:
 then collectives are timed by the calibrated comm model plus what the same collective
 lost in the reference step beyond the model (note_insitu_comm: stalls the idle
 microbenchmark never sees), simulator.engine replays the graphs on a cpu-loopback cluster
-(processor sharing over this machine's cores), and the replayed step is multiplied by the
+(processor sharing over this machine's cores; a transfer in flight while its ranks compute
+is slowed by the cores' share too, COMM_LOAD_EXPONENT), and the replayed step is multiplied by the
 measured / replayed step time of the references themselves, piecewise-linear through the
 references' ratios (`Reference.replay_factor_at`: contention the replay does not model).
 The unscaled prediction stays in the row. Measured: the median over the pooled steps of
@@ -320,6 +321,13 @@ def predict_graphs(ref: Reference, cfg: LiveConfig, method: str = "piecewise", l
 MAX_REPLAYED_STEPS = 64
 MAX_PARSED_VISITS = 16
 ONE_TRACE_REPLAYS = 16  # the secondary, cost-model path replays fewer
+# A collective's time comes from the references' sequential steps, where the ranks wait in
+# it with the cores idle. Under the shortcut schedule the ranks compute while it is in
+# flight and gloo's transfer threads share the cores with them: the replay slows the
+# transfer by the cores' share per job (simulator.engine, comm_load_exponent 1, plain
+# processor sharing). Without it a w2 shortcut step replays its all-to-alls at idle speed
+# and under-predicts overlap by up to 7 points (train) -- see README "Calibration and validation".
+COMM_LOAD_EXPONENT = 1.0
 
 
 def spread(items: list, n: int) -> list:
@@ -405,7 +413,8 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: b
         zero = pa.array(np.where(np.asarray(g.kind) == "comm", durations, 0.0))
         ops = ops.set_column(ops.schema.get_field_index("dur_us"), "dur_us", zero)
     cluster = cpu_loopback(int(g.rank.max()) + 1, cores)
-    sim = simulate(ops, cluster, comm_from_trace=True, gap_us=gap, compute_time=lambda _t, _c: durations)
+    sim = simulate(ops, cluster, comm_from_trace=True, gap_us=gap, compute_time=lambda _t, _c: durations,
+                   comm_load_exponent=COMM_LOAD_EXPONENT)
     start = sim.column("start_us").to_numpy()
     end = start + sim.column("dur_us").to_numpy()
     step_us = float(end.max() - start.min())

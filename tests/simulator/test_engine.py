@@ -111,6 +111,31 @@ def test_cpu_processor_sharing():
     assert [t[i][1] for i in range(3)] == pytest.approx([150.0] * 3)
 
 
+def test_timed_transfer_under_compute_shares_the_cores():
+    # Two ranks on two cores. Each computes 60 µs (a measured duration: not slowed) while a
+    # collective timed at 100 µs (idle speed) is in flight: 2 compute + 2 transfer jobs on 2
+    # cores, a share of 0.5 until the compute ends, then the cores are free again.
+    c = get_cluster("cpu-loopback", gpus=2, cores=2)
+    ops = Ops()
+    for r in range(2):
+        ops.add(r, "main", dur=60.0)
+        ops.add(r, "comm", "comm", coll="all_to_all", group="0,1", coll_bytes=1.0, seq=0, dur=100.0)
+    table = ops.table()
+    for exponent, end in [(0.0, 100.0), (1.0, 60.0 + (100.0 - 60.0 * 0.5)), (2.0, 60.0 + (100.0 - 60.0 * 0.25))]:
+        t = _by_id(simulate(table, c, comm_from_trace=True, comm_load_exponent=exponent))
+        assert t[0] == (0.0, 60.0) and t[2] == (0.0, 60.0)
+        assert t[1][1] == pytest.approx(end) and t[3][1] == pytest.approx(end)
+    # one rank computing: 3 jobs on 2 cores, a share of 2/3
+    ops = Ops()
+    ops.add(0, "main", dur=60.0)
+    for r in range(2):
+        ops.add(r, "comm", "comm", coll="all_to_all", group="0,1", coll_bytes=1.0, seq=0, dur=100.0)
+    t = _by_id(simulate(ops.table(), c, comm_from_trace=True, comm_load_exponent=1.0))
+    assert t[1][1] == pytest.approx(60.0 + (100.0 - 60.0 * 2 / 3))
+    with pytest.raises(SimulationError, match="comm_load_exponent"):
+        simulate(table, c, comm_from_trace=True, comm_load_exponent=-1.0)
+
+
 def test_collective_never_reached_names_group_and_missing_rank():
     ops = Ops()
     ops.add(0, "s20", "comm", coll="all_reduce", group="0,1,2", coll_bytes=1e3, seq=4)

@@ -266,3 +266,36 @@ def test_replayed_overlap_is_pooled_like_the_measured_one(monkeypatch):
     median_us, overlap, fastest = v.simulate_steps([object(), object()], comm=None, cores=2)
     assert (median_us, fastest) == (200.0, 100.0)
     assert overlap == pytest.approx((18.0 + 25.0) / 2)
+
+
+def test_a_transfer_beside_compute_is_slowed_by_the_cores_share(monkeypatch):
+    """Shortcut-like step on 2 ranks and 2 cores: the all-to-all is issued, then 100 µs of
+    compute run on both ranks while it is in flight. The model times the transfer at
+    15 µs idle; beside two computing ranks (4 jobs on 2 cores) it moves at half speed."""
+    import simulator.validate as v
+    from simulator.transforms import step_graph
+
+    rows = []
+    for rank in range(2):
+        i = 10 * rank
+        rows += [
+            dict(id=i, rank=rank, name="aten::linear", label="L0/attn0", start_us=0.0, dur_us=10.0),
+            dict(id=i + 1, rank=rank, kind="host", name="c10d::alltoall_base_", label="L0/dispatch", start_us=10.0,
+                 dur_us=0.0),
+            dict(id=i + 2, rank=rank, lane="cpu:gloo", kind="comm", name="gloo:all_to_all", label="L0/dispatch",
+                 coll="all_to_all", start_us=10.0, dur_us=15.0, coll_bytes=1000.0, deps=[i + 1]),
+            dict(id=i + 3, rank=rank, name="aten::mm", label="L0/mlp0", start_us=10.0, dur_us=100.0),
+        ]
+    cols = {k: [r.get(k, d) for r in rows] for k, d in [
+        ("id", 0), ("rank", 0), ("lane", "cpu:main"), ("kind", "compute"), ("name", "x"), ("label", ""),
+        ("start_us", 0.0), ("dur_us", 0.0), ("flops", 0.0), ("bytes", 0.0), ("coll", ""), ("group", ""),
+        ("coll_bytes", 0.0), ("seq", -1), ("step", 0), ("deps", [])]}
+    g = step_graph(make_ops(cols))
+
+    def comm_durations():
+        _, _, sim = v.simulate_graph(g, _LinearComm(100.0), cores=2)
+        return [d for d, k in zip(sim.column("dur_us").to_pylist(), sim.column("kind").to_pylist()) if k == "comm"]
+
+    assert comm_durations() == pytest.approx([30.0, 30.0])
+    monkeypatch.setattr(v, "COMM_LOAD_EXPONENT", 0.0)
+    assert comm_durations() == pytest.approx([15.0, 15.0])
