@@ -479,6 +479,10 @@ class OpScaling:
     dur_ratio: np.ndarray  # (K, N): group total at reference k / at the base (row 0 = 1)
     gap_ratio: np.ndarray
     bytes_ratio: np.ndarray
+    # collectives: the in-situ time beyond the comm model (graph notes comm_insitu_us −
+    # comm_model_ref_us, see simulator.validate.note_insitu_comm), grouped like payloads;
+    # None when the references carry no such notes
+    stall_ratio: np.ndarray | None = None
 
     @property
     def base_tokens(self) -> float:
@@ -511,15 +515,34 @@ def _group_keys(g: StepGraph) -> tuple[list, list, list]:
     return dur, gap, payload
 
 
-def _group_totals(graphs: list[StepGraph]) -> tuple[dict, dict, dict]:
-    """Mean per graph of each group's total duration, gap and payload."""
+def comm_stall_us(g: StepGraph) -> np.ndarray | None:
+    """Per op: how much longer the collective ran in situ than the comm model says (0 where
+    it ran faster, and for every other op); None without the notes."""
+    insitu, model = g.notes.get("comm_insitu_us"), g.notes.get("comm_model_ref_us")
+    if insitu is None or model is None:
+        return None
+    return np.where(np.asarray(model) > 0, np.maximum(np.asarray(insitu) - np.asarray(model), 0.0), 0.0)
+
+
+def _group_totals(graphs: list[StepGraph]) -> tuple[dict, dict, dict, dict | None]:
+    """Mean per graph of each group's total duration, gap, payload and comm stall (None
+    when a graph has no stall notes)."""
     totals: tuple[dict, dict, dict] = (defaultdict(float), defaultdict(float), defaultdict(float))
+    stalls: dict | None = defaultdict(float)
     for g in graphs:
-        for keys, values, out in zip(_group_keys(g), (g.dur_us, g.gap_us, g.coll_bytes), totals):
-            for k, v in zip(keys, values):
+        keys = _group_keys(g)
+        for group_keys, values, out in zip(keys, (g.dur_us, g.gap_us, g.coll_bytes), totals):
+            for k, v in zip(group_keys, values):
                 if k is not None:
                     out[k] += float(v) / len(graphs)
-    return totals
+        stall = comm_stall_us(g) if stalls is not None else None
+        if stall is None:
+            stalls = None
+            continue
+        for k, v in zip(keys[2], stall):
+            if k is not None:
+                stalls[k] += float(v) / len(graphs)
+    return (*totals, stalls)
 
 
 def _ratios(keys: list, per_point: list[dict]) -> np.ndarray:
@@ -560,7 +583,9 @@ def fit_scaling(template: StepGraph, points: list[tuple[list[StepGraph], float, 
     totals = [_group_totals(graphs) for graphs, _, _ in points]
     keys = _group_keys(template)
     attn = np.array([classify(n) == "attention" for n in template.name])
-    return OpScaling(attn, tokens, seqs, *(_ratios(keys[q], [t[q] for t in totals]) for q in range(3)))
+    stalls = [t[3] for t in totals]
+    stall_ratio = _ratios(keys[2], stalls) if all(st is not None for st in stalls) else None
+    return OpScaling(attn, tokens, seqs, *(_ratios(keys[q], [t[q] for t in totals]) for q in range(3)), stall_ratio)
 
 
 def apply_scaling(g: StepGraph, scaling: OpScaling, tokens: float, seq: float) -> StepGraph:
@@ -575,5 +600,12 @@ def apply_scaling(g: StepGraph, scaling: OpScaling, tokens: float, seq: float) -
     g.dur_us = g.dur_us * np.maximum(dur, 0.0)
     g.gap_us = g.gap_us * np.maximum(piecewise_ratio(scaling.tokens, scaling.gap_ratio, tokens), 0.0)
     g.coll_bytes = g.coll_bytes * np.maximum(piecewise_ratio(scaling.tokens, scaling.bytes_ratio, tokens), 0.0)
+    stall = comm_stall_us(g)
+    if stall is not None and scaling.stall_ratio is not None:
+        # the part of a collective's in-situ time the model does not explain follows its
+        # group's curve too (a local copy grows with the payload, a scheduler stall not)
+        ratio = np.maximum(piecewise_ratio(scaling.tokens, scaling.stall_ratio, tokens), 0.0)
+        g.notes["comm_insitu_us"] = np.where(stall > 0, g.notes["comm_model_ref_us"] + stall * ratio,
+                                             g.notes["comm_insitu_us"])
     g.notes.setdefault("transforms", []).append({"scaled_to": {"tokens": tokens, "seq": seq}})
     return g

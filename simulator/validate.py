@@ -20,7 +20,8 @@ own runs, two ways:
         attention) with a cost model fitted on its own ops over the calibration → set_schedule
 then collectives are timed by the calibrated comm model plus what the same collective
 lost in the reference step beyond the model (note_insitu_comm: stalls the idle
-microbenchmark never sees), simulator.engine replays the graphs on a cpu-loopback cluster
+microbenchmark never sees; along the piecewise path that excess follows its group's curve
+through the references too, as a local copy grows with its payload), simulator.engine replays the graphs on a cpu-loopback cluster
 (processor sharing over this machine's cores; a transfer in flight while its ranks compute
 is slowed by the cores' share too, COMM_LOAD_EXPONENT), and the replayed step is multiplied by the
 measured / replayed step time of the references themselves, piecewise-linear through the
@@ -276,17 +277,21 @@ def build_reference(cfg: LiveConfig, run_dirs: list[Path], base: CostModel, meas
     (config, run dirs, measured median step) of the other reference sizes."""
     ops = pooled_ops([attach_work(live_ops(d), d) for d in spread(run_dirs, MAX_PARSED_VISITS)])
     every_step = step_graph(ops, per_step=True, every_step=True)  # the per-op curves' totals read all
+    if insitu_comm is not None:
+        every_step = [note_insitu_comm(g, insitu_comm) for g in every_step]
     # replays need the steps that ran the common op sequence
     graphs = [g for g in every_step if g.notes["steps"][0] not in g.notes["steps_skipped"]]
     pooled = len(graphs)
     graphs = spread(graphs, MAX_REPLAYED_STEPS)
-    if insitu_comm is not None:
-        graphs = [note_insitu_comm(g, insitu_comm) for g in graphs]
     ref = Reference(cfg, graphs, fit_from_ops(ops, base), measured_step_us, steps_pooled=pooled)
     if others:
         points = [(every_step, cfg.tokens_per_rank, cfg.seq)]
-        points += [(step_graph(pooled_ops([live_ops(d) for d in spread(dirs, MAX_PARSED_VISITS)]), per_step=True,
-                               every_step=True), c.tokens_per_rank, c.seq) for c, dirs, _ in others]
+        for c, dirs, _ in others:
+            steps = step_graph(pooled_ops([live_ops(d) for d in spread(dirs, MAX_PARSED_VISITS)]), per_step=True,
+                               every_step=True)
+            if insitu_comm is not None:
+                steps = [note_insitu_comm(g, insitu_comm) for g in steps]
+            points.append((steps, c.tokens_per_rank, c.seq))
         try:
             ref.scaling = fit_scaling(graphs[0], points)
             ref.points = [RefPoint(c, meas) for c, _, meas in others]

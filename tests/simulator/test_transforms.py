@@ -265,3 +265,38 @@ def test_scaling_matches_groups_not_op_sequences():
     s = fit_scaling(base, [([base], 96, 48), ([experts([4, 4], 0), experts([4], 1)], 32, 32)])
     out = apply_scaling(base, s, 32, 32)
     assert out.dur_us.tolist() == pytest.approx([3.0, 3.0])
+
+
+def _comm_graph(tokens, stall_us, model_us=95.0):
+    """An all-to-all whose in-situ time is the comm model's model_us plus stall_us (as
+    simulator.validate.note_insitu_comm records it), after one linear op."""
+    rows = [dict(id=0, name="aten::linear", label="L0/mlp0", start_us=0.0, dur_us=10.0 + tokens),
+            dict(id=1, kind="host", name="c10d::alltoall_base_", label="L0/dispatch", start_us=20.0 + tokens, dur_us=1.0),
+            dict(id=2, lane="cpu:gloo", kind="comm", name="gloo:all_to_all", label="L0/dispatch", coll="all_to_all",
+                 start_us=20.5 + tokens, dur_us=model_us + stall_us, coll_bytes=1000.0 * tokens, deps=[1])]
+    g = step_graph(_table(rows))
+    comm = np.array([k == "comm" for k in g.kind])
+    g.notes["comm_insitu_us"] = np.where(comm, model_us + stall_us, 0.0)
+    g.notes["comm_model_ref_us"] = np.where(comm, model_us, 0.0)
+    return g
+
+
+def test_comm_stall_beyond_the_model_follows_the_references():
+    """A local copy the model calls 95 µs whatever the size takes 95 + 100 + 2·tokens µs in
+    situ: the excess moves along the group's curve through the references (it was carried
+    as a constant, so a larger size replayed too short). A collective faster than the model
+    keeps its note; references without notes leave it alone."""
+    copy = lambda t: 100 + 2 * t  # noqa: E731
+    base, small, large = _comm_graph(96, copy(96)), _comm_graph(32, copy(32)), _comm_graph(384, copy(384))
+    s = fit_scaling(base, [([base], 96, 48), ([small], 32, 32), ([large], 384, 96)])
+    i = base.kind.index("comm")
+    for tokens in (256, 64, 512):
+        out = apply_scaling(base, s, tokens, 32)
+        assert out.notes["comm_insitu_us"][i] == pytest.approx(95 + copy(tokens))
+        assert out.coll_bytes[i] == pytest.approx(1000.0 * tokens)
+    assert base.notes["comm_insitu_us"][i] == pytest.approx(95 + copy(96))  # the base graph is not touched
+    fast = _comm_graph(96, -45.0)  # 50 µs in situ, the model says 95: not a stall
+    s = fit_scaling(fast, [([fast], 96, 48), ([_comm_graph(384, -45.0)], 384, 96)])
+    assert apply_scaling(fast, s, 256, 32).notes["comm_insitu_us"][i] == pytest.approx(50.0)
+    bare = step_graph(_table([dict(id=0, name="aten::linear", label="L0/mlp0", dur_us=10.0)]))
+    assert fit_scaling(base, [([base], 96, 48), ([bare], 384, 96)]).stall_ratio is None
