@@ -121,9 +121,9 @@ class Simulation:
     comm_load_exponent: on a cpu cluster, a collective timed from dur_us (comm_from_trace /
     unsized_from_trace) progresses at speed factor ** exponent, factor being the cores'
     share per job (compute ops plus one job per rank in a transfer): 0 keeps the traced time
-    whatever the load; 1 is plain processor sharing, as modelled transfers get; a calibrated
-    exponent above 1 says the transfer threads lose more than their share (they sleep on
-    the network and wait for a core on every wake-up).
+    whatever the load; 1 is plain processor sharing, as modelled transfers get; above 1 the
+    transfer threads lose more than their share (as threads that sleep on the network and
+    wait for a core at every wake-up can).
     """
 
     def __init__(

@@ -20,10 +20,11 @@ own runs, two ways:
         attention) with a cost model fitted on its own ops over the calibration → set_schedule
 then collectives are timed by the calibrated comm model plus what the same collective
 lost in the reference step beyond the model (note_insitu_comm: stalls the idle
-microbenchmark never sees; along the piecewise path that excess follows its group's curve
-through the references too, as a local copy grows with its payload), simulator.engine replays the graphs on a cpu-loopback cluster
-(processor sharing over this machine's cores; a transfer in flight while its ranks compute
-is slowed by the cores' share too, COMM_LOAD_EXPONENT), and the replayed step is multiplied by the
+microbenchmark never sees; along the piecewise path that excess follows its group's
+curve through the references too, as a local copy grows with its payload),
+simulator.engine replays the graphs on a cpu-loopback cluster (processor sharing over
+this machine's cores; a transfer in flight while its ranks compute is slowed by the
+cores' share too, COMM_LOAD_EXPONENT), and the replayed step is multiplied by the
 measured / replayed step time of the references themselves, piecewise-linear through the
 references' ratios (`Reference.replay_factor_at`: contention the replay does not model).
 The unscaled prediction stays in the row. Measured: the median over the pooled steps of
