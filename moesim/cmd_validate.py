@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 STEPS, REPEATS, QUICK_REPEATS = 4, 24, 12
-# 48 pairs of prefill steps take ~10 s per size; two w2 prefill runs read within 1.4–4.5 points
-# of the prediction where the ratio of medians read 1.1–10.7 (README)
+# 48 pairs of prefill steps take ~10 s per size; two w2 prefill runs read within 0.7–4.5 points
+# of the prediction where the ratio of medians read 1.1–10.7 off (README)
 SPEEDUP_PAIRS = 48
 HELP = "predict live CPU runs (schedules x world sizes x sizes x modes) from the calibration and compare (writes VAL/validation.json)"
 
