@@ -46,7 +46,7 @@ validation.json (DESIGN.md keys + extras):
     speedups → [{name, predicted, measured, diff_pts, measured_alternating, diff_pts_alternating}]
     (sequential / shortcut step time; "alternating": one extra live run per size that switches
     schedule every step, barrier-aligned, profiler off, median of the pairs' ratios:
-    `--speedup-pairs` pairs, default none; "measured" is the ratio of the two configs' medians),
+    `--speedup-pairs` pairs, default 48, --quick none; "measured" is the ratio of the two configs' medians),
     references → [{name, run_dirs, measured_step_us, load_1min (one per repeat), replayed_step_us
     (the base moved to this reference's size and replayed; the base: its own replay), base
     (true for the base), steps_used, steps_replayed}], calibration, quick,
