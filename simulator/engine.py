@@ -545,21 +545,26 @@ class Simulation:
         if not self.slowable[i]:
             yield env.timeout(work_us)
         else:
-            pool = -1 if cpu is not None else rank
-            running = self.running.setdefault(pool, {})
-            proc = env.active_process
-            running[proc] = None
-            while True:
-                speed = self._speed(rank)
-                t0 = env.now
-                try:
-                    yield env.timeout(work_us / speed)
-                    break
-                except simpy.Interrupt:
-                    work_us = max(work_us - (env.now - t0) * speed, 0.0)
-            del running[proc]
+            yield from self._shared_work(-1 if cpu is not None else rank, work_us, lambda: self._speed(rank))
         if cpu is not None and self.uses_core[i]:
             self._cpu_jobs(-1)
+
+    def _shared_work(self, pool: int, work_us: float, speed_now):
+        """Run work_us (µs at full speed) at speed_now(); registered in `pool` so that a
+        change of speed interrupts it and the rest is re-armed at the new speed."""
+        env = self.env
+        running = self.running.setdefault(pool, {})
+        proc = env.active_process
+        running[proc] = None
+        while True:
+            speed = speed_now()
+            t0 = env.now
+            try:
+                yield env.timeout(work_us / speed)
+                break
+            except simpy.Interrupt:
+                work_us = max(work_us - (env.now - t0) * speed, 0.0)
+        del running[proc]
 
     def _comm_enter(self, rank: int, delta: int) -> None:
         if self.share > 0:
@@ -618,8 +623,8 @@ class Simulation:
                 # is the transfer (also right when dur_us holds a predicted transfer time)
                 t = max(min(self.dur[p] for p in members), 0.0)
             if t > 0:
-                if self.comm_load_exponent > 0:
-                    yield from self._loaded_transfer(t)
+                if self.comm_load_exponent > 0:  # slowed while the cores are shared
+                    yield from self._shared_work(-1, t, lambda: self.cpu.factor**self.comm_load_exponent)
                 else:
                     yield env.timeout(t)
         else:
@@ -631,23 +636,6 @@ class Simulation:
         if self.cpu is not None:
             self._cpu_jobs(-len(members))
         rdv.event.succeed()
-
-    def _loaded_transfer(self, work_us: float):
-        """A timed transfer of work_us at idle speed, slowed while the cores are shared."""
-        env = self.env
-        cpu = self.cpu
-        running = self.running.setdefault(-1, {})
-        proc = env.active_process
-        running[proc] = None
-        while work_us > 0:
-            speed = cpu.factor**self.comm_load_exponent
-            t0 = env.now
-            try:
-                yield env.timeout(work_us / speed)
-                break
-            except simpy.Interrupt:
-                work_us -= (env.now - t0) * speed
-        del running[proc]
 
     def ops_dur_trace(self, pos: int) -> float:
         return float(self.dur[pos])

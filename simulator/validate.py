@@ -276,10 +276,12 @@ def build_reference(cfg: LiveConfig, run_dirs: list[Path], base: CostModel, meas
                     ) -> Reference:
     """The reference of a group from all its runs (every step of every repeat); `others`:
     (config, run dirs, measured median step) of the other reference sizes."""
+    def steps_of(ops: pa.Table) -> list[StepGraph]:  # every step: the per-op curves' totals read all
+        steps = step_graph(ops, per_step=True, every_step=True)
+        return [note_insitu_comm(g, insitu_comm) for g in steps] if insitu_comm is not None else steps
+
     ops = pooled_ops([attach_work(live_ops(d), d) for d in spread(run_dirs, MAX_PARSED_VISITS)])
-    every_step = step_graph(ops, per_step=True, every_step=True)  # the per-op curves' totals read all
-    if insitu_comm is not None:
-        every_step = [note_insitu_comm(g, insitu_comm) for g in every_step]
+    every_step = steps_of(ops)
     # replays need the steps that ran the common op sequence
     graphs = [g for g in every_step if g.notes["steps"][0] not in g.notes["steps_skipped"]]
     pooled = len(graphs)
@@ -287,12 +289,8 @@ def build_reference(cfg: LiveConfig, run_dirs: list[Path], base: CostModel, meas
     ref = Reference(cfg, graphs, fit_from_ops(ops, base), measured_step_us, steps_pooled=pooled)
     if others:
         points = [(every_step, cfg.tokens_per_rank, cfg.seq)]
-        for c, dirs, _ in others:
-            steps = step_graph(pooled_ops([live_ops(d) for d in spread(dirs, MAX_PARSED_VISITS)]), per_step=True,
-                               every_step=True)
-            if insitu_comm is not None:
-                steps = [note_insitu_comm(g, insitu_comm) for g in steps]
-            points.append((steps, c.tokens_per_rank, c.seq))
+        points += [(steps_of(pooled_ops([live_ops(d) for d in spread(dirs, MAX_PARSED_VISITS)])), c.tokens_per_rank,
+                    c.seq) for c, dirs, _ in others]
         try:
             ref.scaling = fit_scaling(graphs[0], points)
             ref.points = [RefPoint(c, meas) for c, _, meas in others]
