@@ -124,6 +124,9 @@ class Simulation:
     whatever the load; 1 is plain processor sharing, as modelled transfers get; above 1 the
     transfer threads lose more than their share (as threads that sleep on the network and
     wait for a core at every wake-up can).
+    comm_tail_us: per op (row order), how long a rank stays in its collective after the
+    collective ends (a live rank that noticed the end late: its thread off the core); the
+    others are released at the end. With trace_tails the traced tails decide instead.
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class Simulation:
         unsized_from_trace: bool = False,
         trace_tails: bool = False,
         comm_load_exponent: float = 0.0,
+        comm_tail_us: np.ndarray | None = None,
     ):
         self.ops = ops
         self.cluster = cluster
@@ -204,6 +208,12 @@ class Simulation:
         if comm_load_exponent < 0:
             raise SimulationError(f"comm_load_exponent must be ≥ 0, got {comm_load_exponent}")
         self.comm_load_exponent = comm_load_exponent if self.cpu is not None else 0.0
+        self._comm_tail: list[float] | None = None
+        if comm_tail_us is not None:
+            tail = np.asarray(comm_tail_us, dtype=np.float64)
+            if tail.shape != (n,) or not (tail >= 0).all():
+                raise SimulationError(f"comm_tail_us: expected {n} values ≥ 0, one per op")
+            self._comm_tail = tail[order].tolist()
         if trace_tails:
             self._trace_start = start[order].tolist()
             self._trace_end = (start + ops.column("dur_us").to_numpy())[order].tolist()
@@ -598,6 +608,9 @@ class Simulation:
     def _collective(self, rdv: _Rdv):
         env = self.env
         members = sorted(rdv.members, key=lambda p: self.rank[p])
+        if self._comm_tail is not None:  # (trace_tails below replaces these with the traced ones)
+            for p in members:
+                self._tail_extra[p] = self._comm_tail[p]
         if self.cpu is not None:
             self._cpu_jobs(+len(members))
         unsized = (

@@ -252,6 +252,10 @@ def _assemble(rows: dict, ranks: list[int], prepared: dict, used: list[int], red
         seq=np.full(n, -1, dtype=np.int64), deps=cols["deps"], pos=np.asarray(cols["pos"], dtype=float),
         steps_used=len(used), notes={"steps": used, "steps_skipped": skipped},
     )
+    if len(used) == 1:  # one step: where its ops ran (one clock for all ranks of a host)
+        idx = np.asarray([i for r in ranks for i in prepared[first][r][0]], dtype=np.int64)
+        g.notes["trace_start_us"] = rows["start_us"][idx].astype(float)
+        g.notes["trace_end_us"] = g.notes["trace_start_us"] + rows["dur_us"][idx]
     _number_collectives(g)
     return g
 
@@ -448,7 +452,8 @@ def set_world_size(g: StepGraph, world_size: int) -> StepGraph:
         group=cols["group"], coll_bytes=np.asarray(cols["coll_bytes"], dtype=float),
         splits=[[] for _ in cols["splits"]],  # per-peer splits no longer fit the new group size
         seq=np.asarray(cols["seq"], dtype=np.int64), deps=cols["deps"], pos=np.asarray(cols["pos"], dtype=float),
-        steps_used=g.steps_used, notes=dict(g.notes),
+        steps_used=g.steps_used,  # per-op notes (arrays) no longer match the ops
+        notes={k: v for k, v in g.notes.items() if not isinstance(v, np.ndarray)},
     )
     out.notes.setdefault("transforms", []).append({"set_world_size": world_size})
     return out

@@ -368,30 +368,50 @@ def _model_us(g: StepGraph, i: int, comm: CommModel) -> float:
 
 
 def note_insitu_comm(g: StepGraph, comm: CommModel) -> StepGraph:
-    """Record in g.notes each collective's in-situ duration (the shortest over the ranks
-    taking part: the last to arrive waits for nobody) and the comm model's figure for the
-    same payload; simulate_graph then carries the difference (stalls of the live run the
-    microbenchmark calibration never saw) to whatever payload the op has by then."""
+    """Record in g.notes each collective's in-situ transfer time, the comm model's figure for
+    the same payload, and each rank's tail beyond the transfer; simulate_graph then carries
+    the difference between the first two (stalls of the live run the microbenchmark
+    calibration never saw) to whatever payload the op has by then, and the tails as they are.
+
+    A graph of one traced step (its notes hold where its ops ran) times the transfer from the
+    last rank's arrival to the first rank's return; a rank that returned later (its thread
+    was off the core when the data came) keeps the difference as its tail. Without those
+    notes the transfer is the shortest duration over the ranks (the last to arrive waited
+    for nobody) and no rank has a tail."""
     insitu = np.zeros(g.n)
     model_ref = np.zeros(g.n)
+    tail = np.zeros(g.n)
+    start, end = g.notes.get("trace_start_us"), g.notes.get("trace_end_us")
     by_instance: dict[tuple, list[int]] = defaultdict(list)
     for i in range(g.n):
         if g.kind[i] == "comm" and g.coll[i]:
             by_instance[(g.coll[i], g.group[i], int(g.seq[i]))].append(i)
     for ops in by_instance.values():
-        shortest = min(float(g.dur_us[i]) for i in ops)
+        if start is not None:
+            last_arrival = max(float(start[i]) for i in ops)
+            returns = {i: max(float(end[i]) - last_arrival, 0.0) for i in ops}
+            transfer = min(returns.values())
+        else:
+            returns, transfer = {}, min(float(g.dur_us[i]) for i in ops)
         for i in ops:
-            insitu[i] = shortest
+            insitu[i] = transfer
+            tail[i] = returns.get(i, transfer) - transfer
             model_ref[i] = _model_us(g, i, comm)
     g.notes["comm_insitu_us"] = insitu
     g.notes["comm_model_ref_us"] = model_ref
+    g.notes["comm_tail_us"] = tail
+    # where each rank began the step: the first to begin waits for the others at the first exchange
+    first = {int(r): float(start[g.rank == r].min()) for r in np.unique(g.rank)} if start is not None else {}
+    g.notes["rank_start_us"] = {r: t - min(first.values()) for r, t in first.items()}
     return g
 
 
 def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: bool = False
                    ) -> tuple[float, dict, pa.Table]:
     """Replay a step graph on cpu-loopback: (step time µs, its traces.overlap metrics,
-    simulated ops).
+    simulated ops). With note_insitu_comm's notes each collective takes its in-situ time,
+    each rank keeps its traced tail after it, and a rank that began its traced step late
+    begins late here too.
 
     slow_under_comm: let the engine slow compute while transfers share the cores (off by
     default: the reference's durations already carry the contention they ran under)."""
@@ -409,6 +429,11 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: b
                 # rank): faster than the model → the same ratio; slower → the same stall
                 g.dur_us[i] = (g.dur_us[i] * insitu[i] / model_ref[i] if insitu[i] < model_ref[i]
                                else g.dur_us[i] + insitu[i] - model_ref[i])
+    late = g.notes.get("rank_start_us")
+    if late:
+        for (rank, lane), lane_ops in g.lanes().items():
+            if g.kind[lane_ops[0]] != "comm":
+                g.gap_us[lane_ops[0]] += late.get(rank, 0.0)
     ops, gap = g.to_ops()
     durations = ops.column("dur_us").to_numpy().astype(np.float64)
     if slow_under_comm:
@@ -418,10 +443,11 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: b
         ops = ops.set_column(ops.schema.get_field_index("dur_us"), "dur_us", zero)
     cluster = cpu_loopback(int(g.rank.max()) + 1, cores)
     sim = simulate(ops, cluster, comm_from_trace=True, gap_us=gap, compute_time=lambda _t, _c: durations,
-                   comm_load_exponent=COMM_LOAD_EXPONENT)
-    start = sim.column("start_us").to_numpy()
-    end = start + sim.column("dur_us").to_numpy()
-    step_us = float(end.max() - start.min())
+                   comm_load_exponent=COMM_LOAD_EXPONENT, comm_tail_us=g.notes.get("comm_tail_us"))
+    # as live: a step lasts as long as its slowest rank, each from its own start
+    end = sim.column("start_us").to_numpy() + sim.column("dur_us").to_numpy()
+    rank = sim.column("rank").to_numpy()
+    step_us = max(float(end[rank == r].max()) - (late or {}).get(int(r), 0.0) for r in np.unique(rank))
     return step_us, compute_metrics(mark_sync(sim)), sim
 
 

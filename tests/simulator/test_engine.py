@@ -136,6 +136,29 @@ def test_timed_transfer_under_compute_shares_the_cores():
         simulate(table, c, comm_from_trace=True, comm_load_exponent=-1.0)
 
 
+def test_a_rank_tail_holds_only_that_rank_after_the_collective():
+    # Rank 1 arrives 20 µs late at a 30 µs all-to-all; rank 0 keeps a 15 µs tail: its comm op
+    # ends 15 µs after the collective's end and its next op waits for it, rank 1 goes on at once.
+    c = get_cluster("cpu-loopback", gpus=2, cores=2)
+    ops = Ops()
+    ops.add(0, "main", dur=10.0)
+    ops.add(1, "main", dur=30.0)
+    coll = [ops.add(r, "main", "comm", coll="all_to_all", group="0,1", coll_bytes=1.0, seq=0, dur=30.0, start=1)
+            for r in range(2)]
+    after = [ops.add(r, "main", dur=5.0, start=2) for r in range(2)]
+    table = ops.table()
+    tail = np.zeros(table.num_rows)
+    tail[coll[0]] = 15.0
+    t = _by_id(simulate(table, c, comm_from_trace=True, comm_tail_us=tail))
+    assert t[coll[1]] == (30.0, 30.0) and t[after[1]][0] == 60.0
+    assert t[coll[0]] == (10.0, 20.0 + 30.0 + 15.0) and t[after[0]][0] == 75.0
+    # no tails: both released at the collective's end
+    t = _by_id(simulate(table, c, comm_from_trace=True))
+    assert t[after[0]][0] == t[after[1]][0] == 60.0
+    with pytest.raises(SimulationError, match="comm_tail_us"):
+        simulate(table, c, comm_from_trace=True, comm_tail_us=-tail)
+
+
 def test_collective_never_reached_names_group_and_missing_rank():
     ops = Ops()
     ops.add(0, "s20", "comm", coll="all_reduce", group="0,1,2", coll_bytes=1e3, seq=4)

@@ -249,6 +249,58 @@ def test_collectives_replay_at_their_in_situ_duration(per_us, expected):
     assert min(d for d, _ in comm_spans(plain)) == pytest.approx(5.0 + 2000.0 / per_us)
 
 
+def test_a_traced_step_replays_its_late_start_and_late_return():
+    """Rank 1 begins the step 5 µs after rank 0 and arrives last at the all-to-all (at 30.5);
+    the transfer takes 25 µs, rank 1 returns at once, rank 0's thread 15 µs later (at 70.5,
+    a 60 µs span). The replay keeps both: rank 1 starts 5 µs late, its collective lasts
+    the 25 µs transfer, rank 0 returns 15 µs after it -- as live. Averaged steps (no trace
+    notes) keep neither."""
+    from simulator.transforms import step_graph
+    from simulator.validate import note_insitu_comm, simulate_graph
+
+    rows = []
+    for rank, (begin, compute, span) in enumerate([(0.0, 10.0, 60.0), (5.0, 25.0, 25.0)]):
+        i = 10 * rank
+        issue = begin + compute
+        rows += [
+            dict(id=i, rank=rank, name="aten::linear", label="L0/attn0", start_us=begin, dur_us=compute),
+            dict(id=i + 1, rank=rank, kind="host", name="c10d::alltoall_base_", label="L0/dispatch", start_us=issue,
+                 dur_us=1.0),
+            dict(id=i + 2, rank=rank, lane="cpu:gloo", kind="comm", name="gloo:all_to_all", label="L0/dispatch",
+                 coll="all_to_all", start_us=issue + 0.5, dur_us=span, coll_bytes=1000.0, deps=[i + 1]),
+            dict(id=i + 3, rank=rank, name="aten::mul", label="L0/experts", start_us=issue + 0.5 + span + 1, dur_us=5.0),
+        ]
+    cols = {k: [r.get(k, d) for r in rows] for k, d in [
+        ("id", 0), ("rank", 0), ("lane", "cpu:main"), ("kind", "compute"), ("name", "x"), ("label", ""),
+        ("start_us", 0.0), ("dur_us", 0.0), ("flops", 0.0), ("bytes", 0.0), ("coll", ""), ("group", ""),
+        ("coll_bytes", 0.0), ("seq", -1), ("step", 0), ("deps", [])]}
+    comm = _LinearComm(100.0)
+
+    def replayed(graph):  # {rank: (first op's start, comm duration, comm end)}
+        _, _, sim = simulate_graph(note_insitu_comm(graph, comm), comm, cores=2)
+        d = sim.to_pydict()
+        out = {}
+        for rank in (0, 1):
+            mine = [k for k in range(sim.num_rows) if d["rank"][k] == rank]
+            c = next(k for k in mine if d["kind"][k] == "comm")
+            out[rank] = (min(d["start_us"][k] for k in mine), d["dur_us"][c], d["start_us"][c] + d["dur_us"][c])
+        return out
+
+    traced = step_graph(make_ops(cols))
+    g = note_insitu_comm(traced.copy(), comm)
+    assert list(g.notes["comm_insitu_us"][g.notes["comm_insitu_us"] > 0]) == pytest.approx([25.0, 25.0])
+    assert sorted(g.notes["comm_tail_us"])[-1] == pytest.approx(15.0) and g.notes["rank_start_us"] == {0: 0.0, 1: 5.0}
+    r = replayed(traced)
+    assert r[1][0] - r[0][0] == pytest.approx(5.0)
+    assert r[1][1] == pytest.approx(25.0)
+    assert r[0][2] - r[1][2] == pytest.approx(15.0)
+    averaged = traced.copy()
+    for k in ("trace_start_us", "trace_end_us"):
+        del averaged.notes[k]
+    r = replayed(averaged)
+    assert r[0][0] == r[1][0] and r[0][2] == pytest.approx(r[1][2])
+
+
 def test_replayed_overlap_is_pooled_like_the_measured_one(monkeypatch):
     """Predicted overlap pools hidden and comm time over the replays per rank (as the live
     side's one compute_metrics over all steps does), then averages the ranks: replays with
