@@ -203,6 +203,32 @@ class _LinearComm:
         return 5.0 + coll_bytes / self.per_us
 
 
+def _step_ops(rows):
+    """An ops table of one step from row dicts (unset columns: a main-lane compute op)."""
+    return make_ops({k: [r.get(k, d) for r in rows] for k, d in [
+        ("id", 0), ("rank", 0), ("lane", "cpu:main"), ("kind", "compute"), ("name", "x"), ("label", ""),
+        ("start_us", 0.0), ("dur_us", 0.0), ("flops", 0.0), ("bytes", 0.0), ("coll", ""), ("group", ""),
+        ("coll_bytes", 0.0), ("seq", -1), ("step", 0), ("deps", [])]})
+
+
+def _exchange_step(ranks):
+    """A traced step of one all-to-all: per rank (begin, compute, span), the rank computes
+    from `begin`, issues the exchange, whose gloo op runs `span` µs, then computes 5 µs."""
+    rows = []
+    for rank, (begin, compute, span) in enumerate(ranks):
+        i = 10 * rank
+        issue = begin + compute
+        rows += [
+            dict(id=i, rank=rank, name="aten::linear", label="L0/attn0", start_us=begin, dur_us=compute),
+            dict(id=i + 1, rank=rank, kind="host", name="c10d::alltoall_base_", label="L0/dispatch", start_us=issue,
+                 dur_us=1.0),
+            dict(id=i + 2, rank=rank, lane="cpu:gloo", kind="comm", name="gloo:all_to_all", label="L0/dispatch",
+                 coll="all_to_all", start_us=issue + 0.5, dur_us=span, coll_bytes=1000.0, deps=[i + 1]),
+            dict(id=i + 3, rank=rank, name="aten::mul", label="L0/experts", start_us=issue + 0.5 + span + 1, dur_us=5.0),
+        ]
+    return _step_ops(rows)
+
+
 @pytest.mark.parametrize("per_us,expected", [
     (100.0, 25.0 + 10.0),  # model 15 µs, in situ 25: a 10 µs stall, carried as is to 2000 bytes
     (20.0, 105.0 * 25.0 / 55.0),  # model 55 µs, in situ 25: the same speed ratio at 2000 bytes
@@ -214,24 +240,9 @@ def test_collectives_replay_at_their_in_situ_duration(per_us, expected):
     from simulator.transforms import step_graph
     from simulator.validate import note_insitu_comm, simulate_graph
 
-    rows = []
-    for rank, (compute, span) in enumerate([(10.0, 45.0), (30.0, 25.0)]):
-        i = 10 * rank
-        issue = compute
-        rows += [
-            dict(id=i, rank=rank, name="aten::linear", label="L0/attn0", start_us=0.0, dur_us=compute),
-            dict(id=i + 1, rank=rank, kind="host", name="c10d::alltoall_base_", label="L0/dispatch", start_us=issue,
-                 dur_us=1.0),
-            dict(id=i + 2, rank=rank, lane="cpu:gloo", kind="comm", name="gloo:all_to_all", label="L0/dispatch",
-                 coll="all_to_all", start_us=issue + 0.5, dur_us=span, coll_bytes=1000.0, deps=[i + 1]),
-            dict(id=i + 3, rank=rank, name="aten::mul", label="L0/experts", start_us=issue + 0.5 + span + 1, dur_us=5.0),
-        ]
-    cols = {k: [r.get(k, d) for r in rows] for k, d in [
-        ("id", 0), ("rank", 0), ("lane", "cpu:main"), ("kind", "compute"), ("name", "x"), ("label", ""),
-        ("start_us", 0.0), ("dur_us", 0.0), ("flops", 0.0), ("bytes", 0.0), ("coll", ""), ("group", ""),
-        ("coll_bytes", 0.0), ("seq", -1), ("step", 0), ("deps", [])]}
+    traced = _exchange_step([(0.0, 10.0, 45.0), (0.0, 30.0, 25.0)])
     comm = _LinearComm(per_us)
-    g = note_insitu_comm(step_graph(make_ops(cols)), comm)
+    g = note_insitu_comm(step_graph(traced), comm)
     g.coll_bytes = g.coll_bytes * 2
 
     def comm_spans(graph):  # (duration, end) of the collective on each rank, as replayed
@@ -244,7 +255,7 @@ def test_collectives_replay_at_their_in_situ_duration(per_us, expected):
     assert min(d for d, _ in spans) == pytest.approx(expected)
     assert spans[0][1] == pytest.approx(spans[1][1])
     # without the note the model alone times it
-    plain = step_graph(make_ops(cols))
+    plain = step_graph(traced)
     plain.coll_bytes = plain.coll_bytes * 2
     assert min(d for d, _ in comm_spans(plain)) == pytest.approx(5.0 + 2000.0 / per_us)
 
@@ -258,22 +269,6 @@ def test_a_traced_step_replays_its_late_start_and_late_return():
     from simulator.transforms import step_graph
     from simulator.validate import note_insitu_comm, simulate_graph
 
-    rows = []
-    for rank, (begin, compute, span) in enumerate([(0.0, 10.0, 60.0), (5.0, 25.0, 25.0)]):
-        i = 10 * rank
-        issue = begin + compute
-        rows += [
-            dict(id=i, rank=rank, name="aten::linear", label="L0/attn0", start_us=begin, dur_us=compute),
-            dict(id=i + 1, rank=rank, kind="host", name="c10d::alltoall_base_", label="L0/dispatch", start_us=issue,
-                 dur_us=1.0),
-            dict(id=i + 2, rank=rank, lane="cpu:gloo", kind="comm", name="gloo:all_to_all", label="L0/dispatch",
-                 coll="all_to_all", start_us=issue + 0.5, dur_us=span, coll_bytes=1000.0, deps=[i + 1]),
-            dict(id=i + 3, rank=rank, name="aten::mul", label="L0/experts", start_us=issue + 0.5 + span + 1, dur_us=5.0),
-        ]
-    cols = {k: [r.get(k, d) for r in rows] for k, d in [
-        ("id", 0), ("rank", 0), ("lane", "cpu:main"), ("kind", "compute"), ("name", "x"), ("label", ""),
-        ("start_us", 0.0), ("dur_us", 0.0), ("flops", 0.0), ("bytes", 0.0), ("coll", ""), ("group", ""),
-        ("coll_bytes", 0.0), ("seq", -1), ("step", 0), ("deps", [])]}
     comm = _LinearComm(100.0)
 
     def replayed(graph):  # {rank: (first op's start, comm duration, comm end)}
@@ -286,7 +281,7 @@ def test_a_traced_step_replays_its_late_start_and_late_return():
             out[rank] = (min(d["start_us"][k] for k in mine), d["dur_us"][c], d["start_us"][c] + d["dur_us"][c])
         return out
 
-    traced = step_graph(make_ops(cols))
+    traced = step_graph(_exchange_step([(0.0, 10.0, 60.0), (5.0, 25.0, 25.0)]))
     g = note_insitu_comm(traced.copy(), comm)
     assert list(g.notes["comm_insitu_us"][g.notes["comm_insitu_us"] > 0]) == pytest.approx([25.0, 25.0])
     assert sorted(g.notes["comm_tail_us"])[-1] == pytest.approx(15.0) and g.notes["rank_start_us"] == {0: 0.0, 1: 5.0}
@@ -338,11 +333,7 @@ def test_a_transfer_beside_compute_is_slowed_by_the_cores_share(monkeypatch):
                  coll="all_to_all", start_us=10.0, dur_us=15.0, coll_bytes=1000.0, deps=[i + 1]),
             dict(id=i + 3, rank=rank, name="aten::mm", label="L0/mlp0", start_us=10.0, dur_us=100.0),
         ]
-    cols = {k: [r.get(k, d) for r in rows] for k, d in [
-        ("id", 0), ("rank", 0), ("lane", "cpu:main"), ("kind", "compute"), ("name", "x"), ("label", ""),
-        ("start_us", 0.0), ("dur_us", 0.0), ("flops", 0.0), ("bytes", 0.0), ("coll", ""), ("group", ""),
-        ("coll_bytes", 0.0), ("seq", -1), ("step", 0), ("deps", [])]}
-    g = step_graph(make_ops(cols))
+    g = step_graph(_step_ops(rows))
 
     def comm_durations():
         _, _, sim = v.simulate_graph(g, _LinearComm(100.0), cores=2)
