@@ -21,7 +21,8 @@ own runs, two ways:
 then collectives are timed by the calibrated comm model plus what the same collective
 lost in the reference step beyond the model (note_insitu_comm: stalls the idle
 microbenchmark never sees; along the piecewise path that excess follows its group's
-curve through the references too, as a local copy grows with its payload),
+curve through the references too, as a local copy grows with its payload; each rank's
+late return from a collective and late start of the step come along unchanged),
 simulator.engine replays the graphs on a cpu-loopback cluster (processor sharing over
 this machine's cores; a transfer in flight while its ranks compute is slowed by the
 cores' share too, COMM_LOAD_EXPONENT), and the replayed step is multiplied by the
