@@ -107,6 +107,7 @@ def _comm_worker(rank: int, world_size: int, backend: str, port: int, sizes: Seq
                     op()
                     samples.append((time.perf_counter() - t0) * 1e6)
                 times[coll][str(numel * 4)] = samples
+        dist.barrier()  # nobody tears the group down while a peer still needs it
     finally:
         dist.destroy_process_group()
     tmp = Path(out_dir) / f".rank{rank}.json.tmp"

@@ -97,6 +97,7 @@ def _sized_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.all_to_all_single(recv, send, out_splits, in_splits)
         dist.all_reduce(vec)
     prof.export_chrome_trace(f"{out_dir}/rank{rank}.pt.trace.json")
+    dist.barrier()  # nobody tears the group down while a peer still needs it (as traces.capture)
     dist.destroy_process_group()
 
 
