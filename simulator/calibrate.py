@@ -5,10 +5,15 @@
     `world_size` spawned ranks (torch.multiprocessing, a free loopback port, one intra-op
     thread per rank); each point is the median over repetitions of the slowest rank's time
     for one collective started right after a barrier;
+  - on CPU ranks (gloo, world size > 1), an all_to_all at the CPU matrix's dispatch
+    payloads timed twice per repetition: ranks idle, then every rank computing (a loop
+    of small matmuls that polls the async work) while it is in flight (comm_load_points);
   - compute ops (matmul / linear / bmm of several shapes, elementwise, norms, softmax,
     attention, gather / cat) under torch.profiler with record_shapes, so durations are
     measured the way live traces measure them (profiler overhead included);
-and fits `CostModel` (per op kind) and `CommModel` (alpha-beta per collective).
+and fits `CostModel` (per op kind), `CommModel` (alpha-beta per collective) and the
+comm load exponent (fit_comm_load: how much an in-flight transfer slows while its ranks
+compute; simulator.engine's comm_load_exponent).
 
 Calibration file (`CAL/calibration.json`, or any path ending in .json):
     format "moesim-calibration", version 1,
@@ -17,6 +22,9 @@ Calibration file (`CAL/calibration.json`, or any path ending in .json):
     comm     CommModel.to_json()  [CommFit...]
     points   {compute: [{name, kind, shapes, flops, bytes, dur_us}],
               comm: [{coll, world_size, coll_bytes, dur_us, dur_us_all}]}
+    comm_load (gloo, world size > 1; absent → exponent DEFAULT_COMM_LOAD_EXPONENT)
+             {exponent, cores, share, sizes: [{coll_bytes, idle_us, loaded_us, exponent}],
+              points: [{coll_bytes, idle_us_all, loaded_us_all, chunk_us}]}
 On CUDA the same code calibrates NCCL and kernels (CUDA events instead of the profiler);
 that path has not been run on a GPU yet.
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import socket
@@ -56,6 +65,12 @@ COLLECTIVES = ("all_to_all", "all_reduce", "all_gather")
 # Message bytes per rank: 1 KiB .. 4 MiB (x4 steps); gloo over loopback reaches its
 # bandwidth plateau by ~1 MiB.
 DEFAULT_SIZES_BYTES = tuple(1024 * 4**i for i in range(7))
+# The comm load sweep: the all_to_all payloads of the CPU validation matrix's dispatch and
+# combine (small preset, 64-512 tokens per rank: ~0.3-3 MiB).
+LOAD_SIZES_BYTES = (256 * 1024, 512 * 1024, 1024 * 1024, 2048 * 1024, 4096 * 1024)
+# Without a measured comm_load: plain processor sharing (a transfer's threads get their
+# share of the cores like any other job).
+DEFAULT_COMM_LOAD_EXPONENT = 1.0
 
 
 def _free_port() -> int:
@@ -140,6 +155,110 @@ def comm_points(backend: str, world_size: int, sizes_bytes: Sequence[int] = DEFA
                 "dur_us": statistics.median(slowest), "dur_us_all": slowest,
             })
     return points
+
+
+def _load_worker(rank: int, world_size: int, backend: str, port: int, sizes: Sequence[int], reps: int, out_dir: str) -> None:
+    """One rank: per size and repetition, an all_to_all with the rank idle (issued, waited)
+    and one while the rank computes (issued after a barrier and a short run-in of the
+    compute loop, polled between matmuls of ~30 µs until it completes; the loop then goes on
+    as long again so that every peer's transfer stays under load). Writes the issue and
+    completion times (perf_counter, one clock for every process on the machine, µs)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    g = torch.Generator().manual_seed(rank)
+    a, w = torch.randn(128, 128, generator=g), torch.randn(128, 128, generator=g)
+
+    def chunk() -> None:
+        torch.mm(a, w)
+
+    now = lambda: time.perf_counter() * 1e6  # noqa: E731
+    t = now()
+    for _ in range(100):
+        chunk()
+    out: dict = {"chunk_us": (now() - t) / 100}
+    try:
+        for size in sizes:
+            numel = max(world_size, size // 4 // world_size * world_size)
+            x, recv = torch.randn(numel, generator=g), torch.empty(numel)
+            for _ in range(3):
+                dist.all_to_all_single(recv, x)
+            rows = []
+            for _ in range(reps):
+                dist.barrier()
+                t0 = now()
+                dist.all_to_all_single(recv, x, async_op=True).wait()
+                t1 = now()
+                dist.barrier()
+                for _ in range(20):  # every rank busy before any transfer starts
+                    chunk()
+                s0 = now()
+                work = dist.all_to_all_single(recv, x, async_op=True)
+                while not work.is_completed():
+                    chunk()
+                s1 = now()
+                while now() < 2 * s1 - s0:
+                    chunk()
+                work.wait()
+                rows.append((t0, t1, s0, s1))
+            out[str(numel * 4)] = rows
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    tmp = Path(out_dir) / f".load{rank}.json.tmp"
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, Path(out_dir) / f"load{rank}.json")
+
+
+def comm_load_points(backend: str, world_size: int, sizes_bytes: Sequence[int] = LOAD_SIZES_BYTES, reps: int = 101) -> list[dict]:
+    """all_to_all with the ranks idle and with every rank computing, per size: one point
+    each {coll_bytes, idle_us_all, loaded_us_all, chunk_us}. A transfer lasts from the last
+    rank's issue to the first rank's completion (as validate times a traced collective)."""
+    import torch.multiprocessing as mp
+
+    if world_size < 2:
+        raise SimulationError(f"calibrate: the comm load sweep needs world size ≥ 2, got {world_size}")
+    with tempfile.TemporaryDirectory(prefix="moesim-load-") as out_dir:
+        mp.start_processes(_load_worker, args=(world_size, backend, _free_port(), list(sizes_bytes), reps, out_dir),
+                           nprocs=world_size, join=True, start_method="spawn")
+        per_rank = [json.loads((Path(out_dir) / f"load{r}.json").read_text()) for r in range(world_size)]
+    points = []
+    for key in (k for k in per_rank[0] if k != "chunk_us"):
+        idle, loaded = [], []
+        for rows in zip(*(r[key] for r in per_rank)):
+            idle.append(min(r[1] for r in rows) - max(r[0] for r in rows))
+            loaded.append(min(r[3] for r in rows) - max(r[2] for r in rows))
+        points.append({"coll": "all_to_all", "world_size": world_size, "coll_bytes": float(key),
+                       "idle_us_all": idle, "loaded_us_all": loaded,
+                       "chunk_us": statistics.mean(r["chunk_us"] for r in per_rank)})
+    return points
+
+
+def fit_comm_load(points: Sequence[dict], cores: int) -> dict:
+    """The comm load exponent e of simulator.engine from comm_load_points: with every rank
+    computing, a transfer shares the cores among 2 · world size jobs (each rank's compute,
+    each rank's part of the transfer), share = min(1, cores / jobs), and the engine runs it
+    at share ** e of its idle speed, so loaded = idle / share ** e. Per size
+    e = ln(median loaded / median idle) / ln(1 / share); the exponent is the median over the
+    sizes (≥ 0). Where the cores are not shared (share 1) e cannot be measured and the
+    default stays."""
+    if not points:
+        raise SimulationError("comm load: no points to fit")
+    n = int(points[0]["world_size"])
+    share = min(1.0, cores / (2 * n))
+    sizes = []
+    for p in points:
+        idle, loaded = statistics.median(p["idle_us_all"]), statistics.median(p["loaded_us_all"])
+        if not (idle > 0 and loaded > 0):
+            raise SimulationError(f"comm load: non-positive median time at {p['coll_bytes']:.0f} bytes")
+        e = math.log(loaded / idle) / math.log(1 / share) if share < 1 else None
+        sizes.append({"coll_bytes": p["coll_bytes"], "idle_us": idle, "loaded_us": loaded, "exponent": e})
+    exponent = (max(0.0, statistics.median(s["exponent"] for s in sizes)) if share < 1
+                else DEFAULT_COMM_LOAD_EXPONENT)
+    return {"exponent": exponent, "measured": share < 1, "cores": cores, "share": share, "sizes": sizes,
+            "points": [{k: p[k] for k in ("coll_bytes", "idle_us_all", "loaded_us_all", "chunk_us")} for p in points]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,7 +376,7 @@ def cpu_device_spec(points: Sequence[dict]) -> DeviceSpec:
 
 
 def fit_calibration(backend: str, world_size: int, device: dict, compute: list[dict], comm: list[dict],
-                    torch_version: str) -> dict:
+                    torch_version: str, comm_load: dict | None = None) -> dict:
     """The calibration object (see module docstring) from measured points."""
     spec = cpu_device_spec(compute) if device.get("type") == "cpu" else DEVICES.get(device.get("name", ""), DEVICES["H800"])
     model = fit_cost_model(spec, [p["kind"] for p in compute], [p["flops"] for p in compute],
@@ -267,18 +386,24 @@ def fit_calibration(backend: str, world_size: int, device: dict, compute: list[d
         for n in sorted({p["world_size"] for p in comm if p["coll"] == coll}):
             sel = [p for p in comm if p["coll"] == coll and p["world_size"] == n]
             fits[(coll, n)] = fit_comm(coll, n, [p["coll_bytes"] for p in sel], [p["dur_us"] for p in sel])
-    return {
+    cal = {
         "format": FORMAT, "version": VERSION, "backend": backend, "world_size": world_size,
         "device": device, "torch_version": torch_version,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "compute": model.to_json(), "comm": CommModel(fits).to_json(),
         "points": {"compute": compute, "comm": comm},
     }
+    if comm_load is not None:
+        cal["comm_load"] = comm_load
+    return cal
 
 
 def calibrate(backend: str = "gloo", world_size: int = 2, sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES,
-              comm_reps: int = 15, compute_reps: int = 7, seed: int = 0) -> dict:
-    """Run both sweeps and fit; returns the calibration object."""
+              comm_reps: int = 15, compute_reps: int = 7, seed: int = 0, load_reps: int = 101,
+              cores: int | None = None) -> dict:
+    """Run the sweeps and fit; returns the calibration object. load_reps 0 skips the comm
+    load sweep (the exponent then defaults); cores: the cores the ranks share (default
+    this machine's)."""
     import torch
 
     if backend not in ("gloo", "nccl"):
@@ -291,9 +416,13 @@ def calibrate(backend: str = "gloo", world_size: int = 2, sizes_bytes: Sequence[
     compute = compute_points("cuda" if on_gpu else "cpu", compute_reps, seed)
     # world size 1 too: the live code still calls the collectives there (local copies)
     comm = comm_points(backend, 1, sizes_bytes[:: max(len(sizes_bytes) // 3, 1)], comm_reps)
+    comm_load = None
     if world_size > 1:
         comm += comm_points(backend, world_size, sizes_bytes, comm_reps)
-    return fit_calibration(backend, world_size, device, compute, comm, torch.__version__)
+        if not on_gpu and load_reps > 0:
+            cores = cores or os.cpu_count() or 1  # as validate counts them
+            comm_load = fit_comm_load(comm_load_points(backend, world_size, LOAD_SIZES_BYTES, load_reps), cores)
+    return fit_calibration(backend, world_size, device, compute, comm, torch.__version__, comm_load)
 
 
 def calibration_path(path: str | os.PathLike) -> Path:
@@ -341,6 +470,11 @@ def load_calibration(path: str | os.PathLike, backend: str | None = None, world_
         )
     compute = CostModel.from_json(cal.get("compute", {}), source=str(target))
     comm = CommModel.from_json(cal.get("comm", []), source=str(target))
+    load = cal.get("comm_load") or {}
+    exponent = load.get("exponent", DEFAULT_COMM_LOAD_EXPONENT)
+    if not isinstance(exponent, (int, float)) or not exponent >= 0:
+        raise SimulationError(f"{target}: comm_load.exponent must be a number ≥ 0, got {exponent!r}")
+    comm.load_exponent = float(exponent)
     return cal, compute, comm
 
 

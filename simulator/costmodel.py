@@ -481,9 +481,12 @@ def fit_comm(coll: str, world_size: int, coll_bytes: Sequence[float], dur_us: Se
 
 @dataclass
 class CommModel:
-    """Fitted collectives keyed by (coll, world size); falls back to the pooled link fit."""
+    """Fitted collectives keyed by (coll, world size); falls back to the pooled link fit.
+    load_exponent: how an in-flight transfer slows while its CPU ranks compute
+    (simulator.engine's comm_load_exponent; from the calibration's comm_load)."""
 
     fits: dict[tuple[str, int], CommFit] = field(default_factory=dict)
+    load_exponent: float = 1.0
 
     def predict_us(self, coll: str, n: int, coll_bytes: float, splits: Sequence[float] = (), rank_in_group: int = -1) -> float:
         wire = wire_bytes(coll, n, coll_bytes, splits, rank_in_group)

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from moesim.cli import main
-from simulator.calibrate import calibration_path, fit_calibration, load_calibration, write_calibration
+from simulator.calibrate import (
+    DEFAULT_COMM_LOAD_EXPONENT,
+    calibration_path,
+    fit_calibration,
+    fit_comm_load,
+    load_calibration,
+    write_calibration,
+)
 from simulator.errors import SimulationError
 
 
@@ -37,6 +44,38 @@ def test_round_trip_and_recovered_coefficients(tmp_path):
     assert model.predict_us("gemm", 1e9, 1e6) == pytest.approx(3.0 + 10 + 0.2, rel=1e-6)
 
 
+def _load_points(exponent, share, idle=(300.0, 500.0, 2000.0), world_size=2):
+    """Synthetic comm load points: loaded = idle / share ** exponent, with ±10 % noise that
+    the medians must see through."""
+    rng = np.random.default_rng(5)
+    return [{"coll": "all_to_all", "world_size": world_size, "coll_bytes": 2.0**k * 262144, "chunk_us": 30.0,
+             "idle_us_all": list(t * rng.uniform(0.9, 1.1, 41)), "loaded_us_all": list(t / share**exponent * rng.uniform(0.9, 1.1, 41))}
+            for k, t in enumerate(idle)]
+
+
+def test_comm_load_exponent_is_recovered_and_round_trips(tmp_path):
+    # 2 ranks computing beside a 2-rank transfer on 2 cores: 4 jobs, a share of 1/2
+    load = fit_comm_load(_load_points(2.5, 0.5), cores=2)
+    assert load["share"] == 0.5 and load["measured"]
+    assert load["exponent"] == pytest.approx(2.5, abs=0.1)
+    # 4 ranks on 2 cores: 8 jobs, a share of 1/4
+    assert fit_comm_load(_load_points(1.5, 0.25, world_size=4), cores=2)["exponent"] == pytest.approx(1.5, abs=0.1)
+    # enough cores for every job: nothing to measure, the default stays
+    spare = fit_comm_load(_load_points(0.0, 1.0), cores=4)
+    assert (spare["exponent"], spare["measured"]) == (DEFAULT_COMM_LOAD_EXPONENT, False)
+    compute, comm = _synthetic_points()
+    cal = fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x", load)
+    write_calibration(cal, tmp_path / "c.json")
+    assert load_calibration(tmp_path / "c.json")[2].load_exponent == load["exponent"]
+    # a calibration without the sweep (older files, NCCL) → plain processor sharing
+    write_calibration(fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x"), tmp_path / "old.json")
+    assert load_calibration(tmp_path / "old.json")[2].load_exponent == DEFAULT_COMM_LOAD_EXPONENT == 1.0
+    cal["comm_load"]["exponent"] = -1
+    write_calibration(cal, tmp_path / "bad.json")
+    with pytest.raises(SimulationError, match=r"bad.json: comm_load.exponent must be a number ≥ 0, got -1"):
+        load_calibration(tmp_path / "bad.json")
+
+
 def test_wrong_backend_or_world_size_and_missing_file(tmp_path):
     compute, comm = _synthetic_points()
     write_calibration(fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x"), tmp_path / "c.json")
@@ -56,7 +95,7 @@ def test_wrong_backend_or_world_size_and_missing_file(tmp_path):
 def test_live_gloo_calibration_cli(tmp_path, capsys):
     out = tmp_path / "CAL"
     rc = main(["calibrate", "--backend", "gloo", "--world-size", "2", "-o", str(out),
-               "--sizes-kib", "1,4096", "--comm-reps", "9", "--compute-reps", "2"])
+               "--sizes-kib", "1,4096", "--comm-reps", "9", "--compute-reps", "2", "--load-reps", "9"])
     assert rc == 0
     raw, model, comm = load_calibration(out, backend="gloo", world_size=2)
     assert raw["torch_version"] and raw["device"]["type"] == "cpu"
@@ -65,4 +104,12 @@ def test_live_gloo_calibration_cli(tmp_path, capsys):
     # physical sanity: bigger messages and bigger GEMMs take longer
     assert comm.predict_us("all_reduce", 2, 4e6) > comm.predict_us("all_reduce", 2, 1e3)
     assert model.predict_us("gemm", 1e10, 1e7) > model.predict_us("gemm", 1e7, 1e5)
-    assert "wrote" in capsys.readouterr().out
+    load = raw["comm_load"]
+    assert [p["coll_bytes"] for p in load["points"]] == [2**k * 256 * 1024 for k in range(5)]
+    assert all(len(p["idle_us_all"]) == len(p["loaded_us_all"]) == 9 for p in load["points"])
+    assert comm.load_exponent == load["exponent"] >= 0
+    if load["measured"]:  # the cores are shared: a transfer beside two computing ranks is slower
+        idle = np.median([t for p in load["points"] for t in p["idle_us_all"]])
+        assert np.median([t for p in load["points"] for t in p["loaded_us_all"]]) > idle
+    out = capsys.readouterr().out
+    assert "comm load exponent" in out and "wrote" in out

@@ -110,7 +110,8 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     """Calibrate, capture the references, predict 4 live configs; a loose bound so that
     machine noise does not block a landing (the full matrix measures the 3 % goal)."""
     cal = tmp_path / "CAL"
-    assert main(["calibrate", "--world-size", "2", "-o", str(cal), "--comm-reps", "5", "--compute-reps", "3"]) == 0
+    assert main(["calibrate", "--world-size", "2", "-o", str(cal), "--comm-reps", "5", "--compute-reps", "3",
+                 "--load-reps", "31"]) == 0
     assert main(["validate", "--quick", "--calibration", str(cal), "-o", str(tmp_path / "VAL"),
                  "--steps", "4", "--warmup", "1", "--repeats", "4", "--speedup-pairs", "2"]) == 0
     out = capsys.readouterr().out
@@ -196,8 +197,9 @@ def test_replay_factor_runs_through_the_references():
 class _LinearComm:
     """A comm model with a closed form: 5 µs + bytes / per_us."""
 
-    def __init__(self, per_us):
+    def __init__(self, per_us, load_exponent=1.0):
         self.per_us = per_us
+        self.load_exponent = load_exponent
 
     def predict_us(self, coll, n, coll_bytes, splits=(), rank_in_group=-1):
         return 5.0 + coll_bytes / self.per_us
@@ -315,10 +317,11 @@ def test_replayed_overlap_is_pooled_like_the_measured_one(monkeypatch):
     assert overlap == pytest.approx((18.0 + 25.0) / 2)
 
 
-def test_a_transfer_beside_compute_is_slowed_by_the_cores_share(monkeypatch):
+def test_a_transfer_beside_compute_is_slowed_by_the_cores_share():
     """Shortcut-like step on 2 ranks and 2 cores: the all-to-all is issued, then 100 µs of
     compute run on both ranks while it is in flight. The model times the transfer at
-    15 µs idle; beside two computing ranks (4 jobs on 2 cores) it moves at half speed."""
+    15 µs idle; beside two computing ranks (4 jobs on 2 cores) it moves at half speed, or at
+    a quarter with the calibration's load exponent 2."""
     import simulator.validate as v
     from simulator.transforms import step_graph
 
@@ -335,10 +338,10 @@ def test_a_transfer_beside_compute_is_slowed_by_the_cores_share(monkeypatch):
         ]
     g = step_graph(_step_ops(rows))
 
-    def comm_durations():
-        _, _, sim = v.simulate_graph(g, _LinearComm(100.0), cores=2)
+    def comm_durations(exponent):
+        _, _, sim = v.simulate_graph(g, _LinearComm(100.0, exponent), cores=2)
         return [d for d, k in zip(sim.column("dur_us").to_pylist(), sim.column("kind").to_pylist()) if k == "comm"]
 
-    assert comm_durations() == pytest.approx([30.0, 30.0])
-    monkeypatch.setattr(v, "COMM_LOAD_EXPONENT", 0.0)
-    assert comm_durations() == pytest.approx([15.0, 15.0])
+    assert comm_durations(1.0) == pytest.approx([30.0, 30.0])
+    assert comm_durations(2.0) == pytest.approx([60.0, 60.0])
+    assert comm_durations(0.0) == pytest.approx([15.0, 15.0])
