@@ -613,6 +613,7 @@ def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores:
     cores = cores or old.get("cores") or os.cpu_count() or 1
     runs = out / "runs"
     configs = [LiveConfig(c["world_size"], c["mode"], c["schedule"], c["batch"], c["seq"]) for c in old["configs"]]
+    old_rows = {c["name"]: c for c in old["configs"]}
     old_loads = {c["name"]: [c.get("load_1min")] * (c.get("repeats") or 1) for c in old["configs"]}
     old_ref_loads = {r["name"]: r["load_1min"] if isinstance(r.get("load_1min"), list) else [r.get("load_1min")]
                      for r in old.get("references", [])}
@@ -636,6 +637,10 @@ def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores:
             for run, load in zip(live[cfg], old_loads.get(cfg.name) or []):
                 run.setdefault("load_1min", load)
             rows.append(_predict_and_measure(cfg, ref, comm_model, cores, runs, live[cfg], log))
+            # the alternating speedup run kept no run dirs: carry its measurement
+            alt = old_rows.get(cfg.name, {}).get("measured_speedup_alternating")
+            if alt is not None:
+                rows[-1]["measured_speedup_alternating"] = alt
     result = summarise(rows)
     result.update({"references": ref_rows, "calibration": str(calibration), "quick": old.get("quick"), "preset": PRESET,
                    "steps": old.get("steps"), "warmup": old.get("warmup"), "repeats": old.get("repeats", 1),

@@ -140,6 +140,15 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     assert all(r["replayed_step_us"] > 0 for r in val["references"])  # every reference joined the per-op curves
     # both sizes have both schedules: each also got its one-run, alternating measurement
     assert len(val["speedups"]) == 2 and all(0.5 < s["measured_alternating"] < 2 for s in val["speedups"])
+    # predicting again from the captured runs, same calibration: measuring and predicting are
+    # separate, the prediction deterministic, and the alternating measurement (no run dirs) kept
+    assert main(["validate", "--repredict", "--calibration", str(cal), "-o", str(tmp_path / "VAL")]) == 0
+    again = json.loads((tmp_path / "VAL" / "validation.json").read_text())
+    assert again["repredicted"] and len(again["configs"]) == 4
+    for before, after in zip(val["configs"], again["configs"]):
+        for key in ("name", "predicted_step_us", "measured_step_us", "predicted_overlap_pct", "measured_overlap_pct"):
+            assert after[key] == before[key], key
+    assert [s["measured_alternating"] for s in again["speedups"]] == [s["measured_alternating"] for s in val["speedups"]]
 
 
 def test_merge_recomputes_the_summary(tmp_path, capsys):
