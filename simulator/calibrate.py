@@ -57,6 +57,7 @@ from simulator.costmodel import (
     op_work,
 )
 from simulator.errors import SimulationError
+from traces.rundir import write_json_atomic
 
 CALIBRATION_JSON = "calibration.json"
 FORMAT = "moesim-calibration"
@@ -125,9 +126,7 @@ def _comm_worker(rank: int, world_size: int, backend: str, port: int, sizes: Seq
         dist.barrier()  # nobody tears the group down while a peer still needs it
     finally:
         dist.destroy_process_group()
-    tmp = Path(out_dir) / f".rank{rank}.json.tmp"
-    tmp.write_text(json.dumps(times))
-    os.replace(tmp, Path(out_dir) / f"rank{rank}.json")
+    write_json_atomic(Path(out_dir) / f"rank{rank}.json", times)
 
 
 def comm_points(backend: str, world_size: int, sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES, reps: int = 15) -> list[dict]:
@@ -207,9 +206,7 @@ def _load_worker(rank: int, world_size: int, backend: str, port: int, sizes: Seq
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    tmp = Path(out_dir) / f".load{rank}.json.tmp"
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, Path(out_dir) / f"load{rank}.json")
+    write_json_atomic(Path(out_dir) / f"load{rank}.json", out)
 
 
 def comm_load_points(backend: str, world_size: int, sizes_bytes: Sequence[int] = LOAD_SIZES_BYTES, reps: int = 101) -> list[dict]:
@@ -432,8 +429,6 @@ def calibration_path(path: str | os.PathLike) -> Path:
 
 
 def write_calibration(cal: dict, path: str | os.PathLike) -> Path:
-    from traces.rundir import write_json_atomic
-
     target = calibration_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     return write_json_atomic(target, cal)
