@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 STEPS, REPEATS, QUICK_REPEATS = 4, 24, 12
-# 48 pairs of prefill steps take ~10 s per size; two w2 prefill runs read within 0.7–4.5 points
-# of the prediction where the ratio of medians read 1.1–10.7 off (README)
-SPEEDUP_PAIRS = 48
+# Seconds per size of the alternating speedup run: 160-290 pairs of prefill, 48-88 of train
+# under the profiler here, the median's 95 % interval ±2-4 and ±3-7 points (README)
+SPEEDUP_SECONDS = 60.0
 HELP = "predict live CPU runs (schedules x world sizes x sizes x modes) from the calibration and compare (writes VAL/validation.json)"
 
 
@@ -24,11 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rounds per (world size, mode) group: one set of ranks visits the group's references "
                              "and configs once per round, so drifts in machine speed hit all of them alike; figures "
                              f"pool every round (default {REPEATS}; --quick {QUICK_REPEATS})")
+    parser.add_argument("--speedup-seconds", type=float, default=None,
+                        help="per size with both schedules, one extra live run alternating them step by step under "
+                             "the profiler, for a second measured shortcut speedup (the median of the pairs' ratios, "
+                             "with its 95 %% interval: steadier than the ratio of the two configs' medians on a "
+                             "drifting machine), as many pairs as fit in about this many seconds "
+                             f"(default {SPEEDUP_SECONDS:g}; --quick 0 = skip)")
     parser.add_argument("--speedup-pairs", type=int, default=None,
-                        help="per size, one extra live run alternating the schedules step by step, profiler off, "
-                             "for a second measured shortcut speedup (the median of the pairs' ratios: steadier "
-                             "than the ratio of the two configs' medians on a drifting machine): this many pairs "
-                             f"(default {SPEEDUP_PAIRS}; --quick 0 = skip)")
+                        help="a fixed number of pairs for that run instead of --speedup-seconds (0 = skip it)")
     parser.add_argument("--merge", nargs="+", metavar="VAL_PART", default=None,
                         help="run nothing: combine these validation dirs (matrix subsets) into -o VAL")
     parser.add_argument("--repredict", action="store_true",
@@ -47,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
     if args.repeats is not None and (args.merge or args.repredict):
         raise UsageError("--repeats: --merge and --repredict run nothing live; they use the runs already in VAL")
     repeats = (QUICK_REPEATS if args.quick else REPEATS) if args.repeats is None else args.repeats
-    pairs = (0 if args.quick else SPEEDUP_PAIRS) if args.speedup_pairs is None else args.speedup_pairs
+    pairs = 0 if args.speedup_pairs is None else args.speedup_pairs
+    seconds = (0.0 if args.quick else SPEEDUP_SECONDS) if args.speedup_seconds is None else args.speedup_seconds
+    if args.speedup_pairs is not None and args.speedup_seconds is not None:
+        raise UsageError("--speedup-pairs and --speedup-seconds: give one (pairs fix the count, seconds the time)")
     if args.merge:
         from simulator.validate import merge
 
@@ -62,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
         result = repredict(args.out, args.calibration)
         _print_summary(result, args.out)
         return 0
-    if args.steps < 1 or args.warmup < 0 or repeats < 1 or pairs < 0:
-        raise UsageError("--steps and --repeats must be ≥ 1, --warmup and --speedup-pairs ≥ 0")
+    if args.steps < 1 or args.warmup < 0 or repeats < 1 or pairs < 0 or not 0 <= seconds < float("inf"):
+        raise UsageError("--steps and --repeats must be ≥ 1, --warmup, --speedup-pairs and --speedup-seconds ≥ 0 "
+                         "(seconds finite)")
     cal = args.calibration
     if cal is None:
         cal = Path(args.out) / "cal"
@@ -82,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"no config of the {'quick ' if args.quick else ''}matrix has mode in {sorted(modes)} "
                          f"and world size in {sorted(sizes)}")
     result = validate(args.out, cal, quick=args.quick, steps=args.steps, warmup=args.warmup, configs=configs,
-                      repeats=repeats, speedup_pairs=pairs)
+                      repeats=repeats, speedup_pairs=pairs, speedup_seconds=seconds)
     _print_summary(result, args.out)
     return 0
 
@@ -104,9 +111,13 @@ def _print_summary(result: dict, out: str) -> None:
     if result["overlap_max_abs_diff_pts"] is not None:
         print(f"overlap |predicted - measured| (world size > 1): median {result['overlap_median_abs_diff_pts']:.1f} pts, "
               f"max {result['overlap_max_abs_diff_pts']:.1f} pts")
+    from simulator.validate import alternating_text
+
     for s in result["speedups"]:
-        alt = (f"; alternating in one run {s['measured_alternating']:.3f} ({s['diff_pts_alternating']:+.1f} pts)"
-               if "measured_alternating" in s else "")
-        print(f"shortcut speedup {s['name']}: predicted {s['predicted']:.3f}  measured {s['measured']:.3f}  "
-              f"({s['diff_pts']:+.1f} pts){alt}")
+        print(f"shortcut speedup {s['name']}: predicted {s['predicted']:.3f}  ratio of medians {s['measured']:.3f}  "
+              f"({s['diff_pts']:+.1f} pts){alternating_text(s)}")
+    alternating = [s for s in result["speedups"] if "measured_alternating" in s]
+    if alternating:
+        print(f"shortcut speedup within 3 pts of the alternating measurement: "
+              f"{result['speedup_within_3pts_alternating']} of {len(alternating)} sizes")
     print(f"wrote {Path(out) / 'validation.json'}")

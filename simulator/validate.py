@@ -44,10 +44,13 @@ validation.json (DESIGN.md keys + extras):
     median_abs_error_pct, max_abs_error_pct, (same)_one_trace, _uncorrected and _fastest,
     overlap_max_abs_diff_pts
     (world size > 1; _all includes world size 1), overlap_median_abs_diff_pts,
-    speedups → [{name, predicted, measured, diff_pts, measured_alternating, diff_pts_alternating}]
+    speedups → [{name, predicted, measured, diff_pts, measured_alternating, measured_alternating_ci95,
+    alternating_pairs, diff_pts_alternating}]
     (sequential / shortcut step time; "alternating": one extra live run per size that switches
-    schedule every step, barrier-aligned, profiler off, median of the pairs' ratios:
-    `--speedup-pairs` pairs, default 48, --quick none; "measured" is the ratio of the two configs' medians),
+    schedule every step, barrier-aligned, under the profiler as the configs ran, median of the
+    pairs' ratios with its distribution-free 95 % interval: as many pairs as fit in
+    `--speedup-seconds` (default 60) or `--speedup-pairs`, --quick none; "measured" is the ratio
+    of the two configs' medians), speedup_within_3pts_alternating (how many sizes),
     references → [{name, run_dirs, measured_step_us, load_1min (one per repeat), replayed_step_us
     (the base moved to this reference's size and replayed; the base: its own replay), base
     (true for the base), steps_used, steps_replayed}], calibration, quick,
@@ -56,6 +59,7 @@ validation.json (DESIGN.md keys + extras):
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import statistics
@@ -326,6 +330,9 @@ def predict_graphs(ref: Reference, cfg: LiveConfig, method: str = "piecewise", l
 MAX_REPLAYED_STEPS = 64
 MAX_PARSED_VISITS = 16
 ONE_TRACE_REPLAYS = 16  # the secondary, cost-model path replays fewer
+# The fewest and most pairs a time-budgeted alternating run takes (median_ci's 95 %
+# interval needs 6)
+MIN_SPEEDUP_PAIRS, MAX_SPEEDUP_PAIRS = 16, 100_000
 # A collective's time comes from the references' sequential steps, where the ranks wait in
 # it with the cores idle. Under the shortcut schedule the ranks compute while it is in
 # flight and gloo's transfer threads share the cores with them: the replay runs the
@@ -463,9 +470,11 @@ def _err(pred: float, meas: float) -> float:
 
 def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: bool = False, steps: int = 4,
              warmup: int = 2, cores: int | None = None, configs: list[LiveConfig] | None = None,
-             log=print, repeats: int = 24, speedup_pairs: int = 0) -> dict:
+             log=print, repeats: int = 24, speedup_pairs: int = 0, speedup_seconds: float = 0.0) -> dict:
     """Capture references and the matrix live (`repeats` rounds), predict each config from
-    its group's references, write VAL/validation.json."""
+    its group's references, write VAL/validation.json. Per size with both schedules, an
+    alternating run measures the speedup a second way: `speedup_pairs` pairs, or (when 0)
+    as many as fit in about `speedup_seconds`; neither → none."""
     from traces.rundir import VALIDATION_JSON, write_json_atomic
 
     cal, compute_model, comm_model = load_calibration(calibration, backend="gloo")
@@ -499,38 +508,70 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
         log(f"{key[0]} rank(s), {key[1]}: {repeats} rounds of {len(group)} configs live "
             f"(load {live[group[-1]][-1]['load_1min']}, {time.time() - t0:.0f} s)")
         alternating = {}
-        if speedup_pairs > 0:
-            for size in sorted({(c.batch, c.seq) for c in group[len(refs):]}):
-                if {c.schedule for c in group[len(refs):] if (c.batch, c.seq) == size} == {"sequential", "shortcut"}:
-                    alternating[size] = measure_speedup(LiveConfig(key[0], key[1], "sequential", *size),
-                                                        speedup_pairs, warmup, runs)
-                    log(f"alternating schedules, {key[0]} rank(s) {key[1]} b{size[0]}-t{size[1]}: sequential / shortcut "
-                        f"{alternating[size]:.3f} (median of {speedup_pairs} pairs)")
+        for size in sorted({(c.batch, c.seq) for c in group[len(refs):]}):
+            pair = {c.schedule: c for c in group[len(refs):] if (c.batch, c.seq) == size}
+            if set(pair) != {"sequential", "shortcut"} or (speedup_pairs <= 0 and speedup_seconds <= 0):
+                continue
+            budget = 0.0 if speedup_pairs > 0 else speedup_seconds
+            alternating[size] = m = measure_speedup(pair["sequential"], speedup_pairs if speedup_pairs > 0
+                                                    else MAX_SPEEDUP_PAIRS, warmup, runs, budget)
+            log(f"alternating schedules, {key[0]} rank(s) {key[1]} b{size[0]}-t{size[1]}: sequential / shortcut "
+                f"{m['speedup']:.3f} (95 % interval {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, median of {m['pairs']} pairs)")
         rows_ref, ref = _group_rows(runs, refs, live, compute_model, comm_model, cores, log)
         ref_rows += rows_ref
         for cfg in group[len(refs):]:
             rows.append(_predict_and_measure(cfg, ref, comm_model, cores, runs, live[cfg], log))
             if (cfg.batch, cfg.seq) in alternating:
-                rows[-1]["measured_speedup_alternating"] = alternating[(cfg.batch, cfg.seq)]
+                rows[-1].update(_alternating_fields(alternating[(cfg.batch, cfg.seq)]))
     result = summarise(rows)
     result.update({"references": ref_rows, "calibration": str(calibration), "quick": quick, "preset": PRESET,
                    "steps": steps, "warmup": warmup, "repeats": repeats, "speedup_pairs": speedup_pairs,
+                   "speedup_seconds": speedup_seconds,
                    "cores": cores, "wall_s": round(time.time() - t0, 1)})
     write_json_atomic(out / VALIDATION_JSON, result)
     write_table(out / "validation.md", result)
     return result
 
 
-def measure_speedup(cfg: LiveConfig, pairs: int, warmup: int, runs: Path) -> float:
+def measure_speedup(cfg: LiveConfig, pairs: int, warmup: int, runs: Path, budget_s: float = 0.0) -> dict:
     """Measured shortcut speedup of cfg's size: one live run alternating the schedules step
-    by step (traces.capture.alternating_schedules), median over pairs of sequential /
-    shortcut step time."""
+    by step under the profiler, as the configs' traced steps ran
+    (traces.capture.alternating_schedules; `pairs` pairs, or with budget_s > 0 as many as
+    fit in about budget_s seconds, at least MIN_SPEEDUP_PAIRS): the median over pairs of
+    sequential / shortcut step time, its distribution-free 95 % interval (median_ci) and
+    the pair count."""
     from traces.capture import CaptureSpec, alternating_schedules
 
-    times = alternating_schedules(CaptureSpec(
-        out_dir=str(runs), preset=PRESET, world_size=cfg.world_size, schedule="sequential", mode=cfg.mode,
-        batch=cfg.batch, seq=cfg.seq, steps=pairs, warmup=warmup, backend="gloo", threads=1), pairs)
-    return statistics.median(a / b for a, b in zip(times["sequential"], times["shortcut"]))
+    spec = CaptureSpec(out_dir=str(runs), preset=PRESET, world_size=cfg.world_size, schedule="sequential",
+                       mode=cfg.mode, batch=cfg.batch, seq=cfg.seq, steps=pairs, warmup=warmup, backend="gloo",
+                       threads=1, timeout_s=max(600.0, 3 * budget_s))
+    times = alternating_schedules(spec, pairs, budget_s, MIN_SPEEDUP_PAIRS)
+    ratios = [a / b for a, b in zip(times["sequential"], times["shortcut"])]
+    return {"speedup": statistics.median(ratios), "ci95": list(median_ci(ratios)), "pairs": len(ratios)}
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median of `values`: the order
+    statistics k and n + 1 - k (1-based), k the largest with P(Binomial(n, 1/2) < k) <=
+    (1 - level) / 2 (each value falls below the median with probability 1/2, whatever the
+    distribution). Where n is too small for that level (n < 6 at 95 %): (min, max)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise SimulationError("median_ci: no values")
+    alpha, below, k = (1.0 - level) / 2, 0.0, 0
+    while k < n and below + math.comb(n, k) / 2 ** n <= alpha:
+        below += math.comb(n, k) / 2 ** n
+        k += 1
+    k = max(k, 1)
+    return xs[k - 1], xs[n - k]
+
+
+ALTERNATING_FIELDS = ("measured_speedup_alternating", "measured_speedup_alternating_ci95", "speedup_alternating_pairs")
+
+
+def _alternating_fields(m: dict) -> dict:
+    return dict(zip(ALTERNATING_FIELDS, (m["speedup"], m["ci95"], m["pairs"])))
 
 
 def _run_name(c: LiveConfig, refs: list[LiveConfig]) -> str:
@@ -638,9 +679,7 @@ def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores:
                 run.setdefault("load_1min", load)
             rows.append(_predict_and_measure(cfg, ref, comm_model, cores, runs, live[cfg], log))
             # the alternating speedup run kept no run dirs: carry its measurement
-            alt = old_rows.get(cfg.name, {}).get("measured_speedup_alternating")
-            if alt is not None:
-                rows[-1]["measured_speedup_alternating"] = alt
+            rows[-1].update({k: v for k, v in old_rows.get(cfg.name, {}).items() if k in ALTERNATING_FIELDS})
     result = summarise(rows)
     result.update({"references": ref_rows, "calibration": str(calibration), "quick": old.get("quick"), "preset": PRESET,
                    "steps": old.get("steps"), "warmup": old.get("warmup"), "repeats": old.get("repeats", 1),
@@ -673,6 +712,9 @@ def summarise(rows: list[dict]) -> dict:
             alt = r.get("measured_speedup_alternating")
             if alt is not None:
                 entry.update({"measured_alternating": alt, "diff_pts_alternating": 100 * (pred - alt)})
+                if r.get("measured_speedup_alternating_ci95"):  # older validations have none
+                    entry.update({"measured_alternating_ci95": r["measured_speedup_alternating_ci95"],
+                                  "alternating_pairs": r.get("speedup_alternating_pairs")})
             speedups.append(entry)
     one = [abs(r["error_pct_one_trace"]) for r in rows if r.get("error_pct_one_trace") is not None]
     fastest = [abs(r["error_pct_fastest"]) for r in rows if r.get("error_pct_fastest") is not None]
@@ -694,6 +736,8 @@ def summarise(rows: list[dict]) -> dict:
         "speedup_max_abs_diff_pts": max((abs(s["diff_pts"]) for s in speedups), default=None),
         "speedup_max_abs_diff_pts_alternating": max(
             (abs(s["diff_pts_alternating"]) for s in speedups if "diff_pts_alternating" in s), default=None),
+        "speedup_within_3pts_alternating": sum(abs(s["diff_pts_alternating"]) <= 3 for s in speedups
+                                               if "diff_pts_alternating" in s),
     }
 
 
@@ -717,6 +761,15 @@ def merge(paths: list[str | os.PathLike], out_dir: str | os.PathLike) -> dict:
     return result
 
 
+def alternating_text(s: dict) -> str:
+    """'; alternating 1.043 [1.026-1.063, 400 pairs] (+3.4 pts)' for a speedups entry, or ''."""
+    if "measured_alternating" not in s:
+        return ""
+    ci = s.get("measured_alternating_ci95")
+    interval = f" [{ci[0]:.3f}-{ci[1]:.3f}, {s.get('alternating_pairs')} pairs]" if ci else ""
+    return f"; alternating {s['measured_alternating']:.3f}{interval} ({s['diff_pts_alternating']:+.1f} pts)"
+
+
 def write_table(path: Path, result: dict) -> Path:
     """A markdown table of the configs (README / dashboards)."""
     lines = ["| config | predicted ms | measured ms (min–max) | error % | one-trace error % | overlap % pred / meas | load |",
@@ -730,7 +783,7 @@ def write_table(path: Path, result: dict) -> Path:
     lines.append(f"median |error| {result['median_abs_error_pct']:.1f}%, max |error| {result['max_abs_error_pct']:.1f}%")
     for s in result["speedups"]:
         lines.append(f"shortcut speedup {s['name']}: predicted {s['predicted']:.3f}, measured {s['measured']:.3f} "
-                     f"({s['diff_pts']:+.1f} pts)")
+                     f"({s['diff_pts']:+.1f} pts){alternating_text(s)}")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)

@@ -27,6 +27,7 @@ import gc
 import gzip
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -376,18 +377,57 @@ def barrier_timed_step(workload: "Workload") -> float:
     return (time.perf_counter_ns() - start) / 1e3
 
 
+# Pairs per profiler window of an alternating run (8 steps; a capture traces 4 per visit:
+# smaller windows cost more profiler starts and stops, ~0.8 s each here)
+ALTERNATING_WINDOW_PAIRS = 4
+
+
 def _alternating_schedules_rank(rank: int, world_size: int, device: Any, spec: CaptureSpec, pairs: int,
-                                out: str) -> None:
+                                out: str, budget_s: float = 0.0, min_pairs: int = 1) -> None:
+    import torch
     import torch.distributed as dist
 
     workload = build_workload(spec, rank, world_size, device)
     ep = workload.model.expert_parallel
     for _ in range(spec.warmup):
         barrier_timed_step(workload)
+    window = 2 * ALTERNATING_WINDOW_PAIRS  # steps
     times: dict[str, list[float]] = {s: [] for s in SCHEDULES}
-    for i in range(2 * pairs):
-        ep.schedule = SCHEDULES[(i + i // 2) % 2]  # A B B A A B …: neither always runs first
-        times[ep.schedule].append(barrier_timed_step(workload))
+    started = time.monotonic()
+    for w in range(2 * math.ceil(pairs / window)):
+        if w % 2 == 0:
+            at: dict[str, list[tuple[int, float]]] = {s: [] for s in SCHEDULES}  # (position, µs)
+        gc.collect()  # as in a capture: no collection lands in a timed step (the last
+        gc.disable()  # window's profiler is garbage by now)
+        prof = _discarding_profiler(spec, device, window)
+        barrier_timed_step(workload)  # untimed; with the profiler, its warmup step (as in a capture)
+        if prof is not None:
+            prof.step()
+        for position in range(window):
+            # A B B A, then B A A B: each schedule holds every position once per two windows
+            ep.schedule = SCHEDULES[(position + position // 2 + w) % 2]
+            workload.begin_step(measured=False)
+            start = time.perf_counter_ns()
+            workload.step()
+            at[ep.schedule].append((position, (time.perf_counter_ns() - start) / 1e3))
+            if prof is not None:
+                prof.step()
+        if prof is not None:
+            prof.stop()
+        del prof
+        gc.enable()
+        if w % 2 == 0:
+            continue
+        # pair k = the k-th step of each schedule by position: a pair's steps ran at the same
+        # place in their windows, so whatever the place costs (the profiler warming in, a
+        # lag left by the untimed step) falls on both alike
+        for s in SCHEDULES:
+            times[s] += [us for _, us in sorted(at[s])]
+        if budget_s > 0:  # rank 0's clock decides for all
+            done = torch.tensor([int(len(times[SCHEDULES[0]]) >= min_pairs and time.monotonic() - started > budget_s)])
+            dist.broadcast(done, 0)
+            if done.item():
+                break
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, times)
     if rank == 0:  # a step lasts as long as its slowest rank
@@ -395,18 +435,47 @@ def _alternating_schedules_rank(rank: int, world_size: int, device: Any, spec: C
         Path(out).write_text(json.dumps(per_step))
 
 
-def alternating_schedules(spec: CaptureSpec, pairs: int) -> dict[str, list[float]]:
+def _discarding_profiler(spec: CaptureSpec, device: Any, steps: int) -> Any:
+    """With spec.profiler: a started torch.profiler set up as a capture's (same activities,
+    record_shapes, one warmup step, then `steps` recorded) whose events are dropped, so
+    the steps carry the profiler's overhead like the traced steps they are compared with.
+    None without."""
+    if not spec.profiler:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities, record_shapes=True, on_trace_ready=lambda _prof: None,
+                   schedule=schedule(wait=0, warmup=1, active=steps, repeat=1))
+    prof.start()
+    return prof
+
+
+def alternating_schedules(spec: CaptureSpec, pairs: int, budget_s: float = 0.0,
+                          min_pairs: int = 1) -> dict[str, list[float]]:
     """One live run of `spec` (its schedule ignored) that alternates the sequential and
-    shortcut schedules step by step, `pairs` steps of each after `spec.warmup`, profiler
-    off: {"sequential": [µs...], "shortcut": [µs...]}, step k of each forming pair k. Both
-    sides of each pair see the same machine, however its speed drifts, so the ratio of a
-    pair is far steadier than the ratio of two separate runs' medians."""
+    shortcut schedules step by step after `spec.warmup`: {"sequential": [µs...],
+    "shortcut": [µs...]}, step k of each forming pair k. Both sides of a pair see the same
+    machine, however its speed drifts, so the ratio of a pair is far steadier than the
+    ratio of two separate runs' medians. Within a window the steps run back to back, as a
+    capture's do: a rank that ends a step early starts the next early and waits at its
+    first exchange, which the shortcut schedule can partly hide under mlp0 and attn1.
+
+    The steps come in windows of 2 * ALTERNATING_WINDOW_PAIRS, each, with spec.profiler
+    (the default), under its own torch.profiler recording set up as a capture's (events
+    discarded): profiled steps are what validate's configs and predictions are, and the
+    profiler's share of a CPU step is not the same under both schedules. The windows go
+    A B B A, B A A B, ... and a pair's two steps sit at the same position of consecutive
+    windows (profiled steps early in a window ran slower here). `pairs`
+    rounds up to whole window pairs; with budget_s > 0 the run stops after the first
+    window pair that ends past budget_s seconds (from the first timed step) once it
+    holds min_pairs."""
     import tempfile
 
     validate_spec(spec)
     with tempfile.TemporaryDirectory(prefix="moesim-alternating-") as tmp:
         out = Path(tmp) / "alternating.json"
-        spawn_ranks(_alternating_schedules_rank, spec.world_size, (spec, pairs, str(out)),
+        spawn_ranks(_alternating_schedules_rank, spec.world_size, (spec, pairs, str(out), budget_s, min_pairs),
                     backend=resolve_backend(spec.backend), timeout_s=spec.timeout_s, status_dir=tmp,
                     threads=spec.threads)
         return json.loads(out.read_text())

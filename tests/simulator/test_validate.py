@@ -9,6 +9,7 @@ from simulator.validate import (
     REFERENCE_SIZE, LiveConfig, mark_sync, matrix, pooled_ops, pooled_steps_us, reference_of, references_of, rep_dirs,
     summarise,
 )
+from traces.capture import ALTERNATING_WINDOW_PAIRS
 from traces.schema import make_ops
 
 
@@ -52,6 +53,28 @@ def test_summary_errors_and_speedups():
     rows[1]["measured_speedup_alternating"] = 1.04  # the one-run, step-by-step measurement
     (sp,) = summarise(rows)["speedups"]
     assert sp["measured_alternating"] == 1.04 and sp["diff_pts_alternating"] == pytest.approx(100 * (1.1 - 1.04))
+    assert "measured_alternating_ci95" not in sp  # a validation from before the interval
+    assert summarise(rows)["speedup_within_3pts_alternating"] == 0  # 6 points off
+    rows[1].update({"measured_speedup_alternating": 1.08, "measured_speedup_alternating_ci95": [1.06, 1.1],
+                    "speedup_alternating_pairs": 400})
+    s = summarise(rows)
+    (sp,) = s["speedups"]
+    assert sp["measured_alternating_ci95"] == [1.06, 1.1] and sp["alternating_pairs"] == 400
+    assert s["speedup_within_3pts_alternating"] == 1  # 2 points off
+
+
+def test_median_ci_is_the_order_statistic_interval():
+    from simulator.validate import median_ci
+
+    # The textbook 95 % interval of a median from n = 100 values: the 40th and 61st of
+    # them in order (P(Binomial(100, 1/2) <= 39) = 0.018 <= 0.025 < P(<= 40) = 0.028)
+    values = [float(v) for v in range(100, 0, -1)]  # any order: 1..100
+    assert median_ci(values) == (40.0, 61.0)
+    # n = 10: the 2nd and 9th (P(<= 1) = 11/1024 <= 0.025 < P(<= 2) = 56/1024)
+    assert median_ci([float(v) for v in range(1, 11)]) == (2.0, 9.0)
+    # too few values for 95 %: the whole range; a lower level narrows it
+    assert median_ci([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    assert median_ci([float(v) for v in range(1, 11)], level=0.5) == (4.0, 7.0)  # P(<= 3) = 0.17 <= 0.25 < P(<= 4)
 
 
 def test_mark_sync_only_touches_exchange_ops():
@@ -92,6 +115,19 @@ def test_repeats_with_repredict_is_a_usage_error(tmp_path, capsys):
     assert main(["validate", "--repredict", "--repeats", "2", "--calibration", "C", "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--repeats" in err[0]
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--speedup-pairs", "8", "--speedup-seconds", "30"], "--speedup-pairs and --speedup-seconds"),
+    (["--speedup-seconds", "-1"], "--speedup-seconds"),
+    (["--speedup-seconds", "nan"], "--speedup-seconds"),
+    (["--speedup-seconds", "inf"], "--speedup-seconds"),
+])
+def test_bad_speedup_options_are_usage_errors(tmp_path, capsys, args, names):
+    assert main(["validate", "--calibration", "C", "-o", str(tmp_path / "VAL"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and names in err[0]
+    assert not (tmp_path / "VAL").exists()  # nothing started
 
 
 def test_validate_refuses_a_calibration_for_another_backend(tmp_path, capsys):
@@ -139,7 +175,13 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     assert [r["name"] for r in val["references"]] == [r.name for r in references_of(matrix(quick=True)[0])]
     assert all(r["replayed_step_us"] > 0 for r in val["references"])  # every reference joined the per-op curves
     # both sizes have both schedules: each also got its one-run, alternating measurement
+    # (2 pairs asked: one window pair's 2 * ALTERNATING_WINDOW_PAIRS ran, too few for a 95 %
+    # interval narrower than their range)
     assert len(val["speedups"]) == 2 and all(0.5 < s["measured_alternating"] < 2 for s in val["speedups"])
+    for s in val["speedups"]:
+        lo, hi = s["measured_alternating_ci95"]
+        assert s["alternating_pairs"] == 2 * ALTERNATING_WINDOW_PAIRS and lo <= s["measured_alternating"] <= hi
+    assert "shortcut speedup within 3 pts of the alternating measurement" in out
     # predicting again from the captured runs, same calibration: measuring and predicting are
     # separate, the prediction deterministic, and the alternating measurement (no run dirs) kept
     assert main(["validate", "--repredict", "--calibration", str(cal), "-o", str(tmp_path / "VAL")]) == 0
@@ -148,7 +190,8 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     for before, after in zip(val["configs"], again["configs"]):
         for key in ("name", "predicted_step_us", "measured_step_us", "predicted_overlap_pct", "measured_overlap_pct"):
             assert after[key] == before[key], key
-    assert [s["measured_alternating"] for s in again["speedups"]] == [s["measured_alternating"] for s in val["speedups"]]
+    for key in ("measured_alternating", "measured_alternating_ci95", "alternating_pairs"):
+        assert [s[key] for s in again["speedups"]] == [s[key] for s in val["speedups"]], key
 
 
 def test_merge_recomputes_the_summary(tmp_path, capsys):
@@ -168,11 +211,16 @@ def test_merge_recomputes_the_summary(tmp_path, capsys):
 def test_alternating_schedules_times_both_schedules_in_one_live_run(tmp_path):
     from traces.capture import CaptureSpec, alternating_schedules
 
-    spec = CaptureSpec(out_dir=str(tmp_path), preset="tiny", world_size=2, schedule="sequential", mode="prefill",
-                       batch=2, seq=16, steps=3, warmup=1, backend="gloo", threads=1)
-    times = alternating_schedules(spec, pairs=3)
-    assert set(times) == {"sequential", "shortcut"}
-    assert all(len(v) == 3 and all(t > 0 for t in v) for v in times.values())
+    # pairs come in whole window pairs: 3 asked, 2 * ALTERNATING_WINDOW_PAIRS run
+    for profiler in (True, False):
+        spec = CaptureSpec(out_dir=str(tmp_path), preset="tiny", world_size=2, schedule="sequential", mode="prefill",
+                           batch=2, seq=16, steps=3, warmup=1, backend="gloo", threads=1, profiler=profiler)
+        times = alternating_schedules(spec, pairs=3)
+        assert set(times) == {"sequential", "shortcut"}
+        assert all(len(v) == 2 * ALTERNATING_WINDOW_PAIRS and all(t > 0 for t in v) for v in times.values())
+    # a time budget already spent: it stops after the first window pair that holds min_pairs
+    times = alternating_schedules(spec, pairs=1000, budget_s=1e-9, min_pairs=2 * ALTERNATING_WINDOW_PAIRS + 1)
+    assert [len(v) for v in times.values()] == [4 * ALTERNATING_WINDOW_PAIRS] * 2
 
 
 def test_spread_keeps_the_ends_and_spaces_evenly():
