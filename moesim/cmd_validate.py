@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 STEPS, REPEATS, QUICK_REPEATS = 4, 24, 12
-# Seconds per size of the alternating speedup run: 160-290 pairs of prefill, 48-88 of train
-# under the profiler here, the median's 95 % interval ±2-4 and ±3-7 points (README)
+# Seconds per size of the alternating speedup run. Over 60 s here the median's 95 % interval
+# spans ±2.0-2.6 points with the profiler off (464-776 prefill, 80-104 train pairs) and
+# ±2.2-4.0 / ±3-7 points with it on (README "Calibration and validation")
 SPEEDUP_SECONDS = 60.0
 HELP = "predict live CPU runs (schedules x world sizes x sizes x modes) from the calibration and compare (writes VAL/validation.json)"
 
@@ -25,13 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and configs once per round, so drifts in machine speed hit all of them alike; figures "
                              f"pool every round (default {REPEATS}; --quick {QUICK_REPEATS})")
     parser.add_argument("--speedup-seconds", type=float, default=None,
-                        help="per size with both schedules, one extra live run alternating them step by step under "
-                             "the profiler, for a second measured shortcut speedup (the median of the pairs' ratios, "
-                             "with its 95 %% interval: steadier than the ratio of the two configs' medians on a "
-                             "drifting machine), as many pairs as fit in about this many seconds "
+                        help="per size with both schedules, one extra live run alternating them step by step, "
+                             "for a second measured shortcut speedup (the median of the pairs' ratios, with its "
+                             "95 %% interval: steadier than the ratio of the two configs' medians on a drifting "
+                             "machine), as many pairs as fit in about this many seconds "
                              f"(default {SPEEDUP_SECONDS:g}; --quick 0 = skip)")
     parser.add_argument("--speedup-pairs", type=int, default=None,
                         help="a fixed number of pairs for that run instead of --speedup-seconds (0 = skip it)")
+    parser.add_argument("--speedup-profiled", action="store_true",
+                        help="run that alternating run under the profiler, as the configs ran (about a third of the "
+                             "pairs in the same time, each noisier)")
     parser.add_argument("--merge", nargs="+", metavar="VAL_PART", default=None,
                         help="run nothing: combine these validation dirs (matrix subsets) into -o VAL")
     parser.add_argument("--repredict", action="store_true",
@@ -89,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"no config of the {'quick ' if args.quick else ''}matrix has mode in {sorted(modes)} "
                          f"and world size in {sorted(sizes)}")
     result = validate(args.out, cal, quick=args.quick, steps=args.steps, warmup=args.warmup, configs=configs,
-                      repeats=repeats, speedup_pairs=pairs, speedup_seconds=seconds)
+                      repeats=repeats, speedup_pairs=pairs, speedup_seconds=seconds,
+                      speedup_profiled=args.speedup_profiled)
     _print_summary(result, args.out)
     return 0
 

@@ -149,7 +149,7 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     assert main(["calibrate", "--world-size", "2", "-o", str(cal), "--comm-reps", "5", "--compute-reps", "3",
                  "--load-reps", "31"]) == 0
     assert main(["validate", "--quick", "--calibration", str(cal), "-o", str(tmp_path / "VAL"),
-                 "--steps", "4", "--warmup", "1", "--repeats", "4", "--speedup-pairs", "2"]) == 0
+                 "--steps", "4", "--warmup", "1", "--repeats", "4", "--speedup-pairs", "2", "--speedup-profiled"]) == 0
     out = capsys.readouterr().out
     assert "median |step-time error|" in out
     val = json.loads((tmp_path / "VAL" / "validation.json").read_text())
@@ -181,7 +181,7 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     for s in val["speedups"]:
         lo, hi = s["measured_alternating_ci95"]
         assert s["alternating_pairs"] == 2 * ALTERNATING_WINDOW_PAIRS and lo <= s["measured_alternating"] <= hi
-    assert "shortcut speedup within 3 pts of the alternating measurement" in out
+    assert "shortcut speedup within 3 pts of the alternating measurement" in out and val["speedup_profiled"]
     # predicting again from the captured runs, same calibration: measuring and predicting are
     # separate, the prediction deterministic, and the alternating measurement (no run dirs) kept
     assert main(["validate", "--repredict", "--calibration", str(cal), "-o", str(tmp_path / "VAL")]) == 0
