@@ -461,14 +461,12 @@ def alternating_schedules(spec: CaptureSpec, pairs: int, budget_s: float = 0.0,
     capture's do: a rank that ends a step early starts the next early and waits at its
     first exchange, which the shortcut schedule can partly hide under mlp0 and attn1.
 
-    The steps come in windows of 2 * ALTERNATING_WINDOW_PAIRS, each, with spec.profiler
-    (the default), under its own torch.profiler recording set up as a capture's (events
-    discarded): profiled steps are what validate's configs and predictions are, and the
-    profiler's share of a CPU step is not the same under both schedules. The windows go
-    A B B A, B A A B, ... and a pair's two steps sit at the same position of consecutive
-    windows (profiled steps early in a window ran slower here). `pairs`
-    rounds up to whole window pairs; with budget_s > 0 the run stops after the first
-    window pair that ends past budget_s seconds (from the first timed step) once it
+    The steps come in windows of 2 * ALTERNATING_WINDOW_PAIRS, each, with spec.profiler,
+    under its own torch.profiler recording set up as a capture's (events discarded), so the
+    steps are profiled like the traced steps validate predicts. The windows go A B B A,
+    B A A B, ... and a pair's two steps sit at the same position of consecutive windows.
+    `pairs` rounds up to whole window pairs; with budget_s > 0 the run stops after the
+    first window pair that ends past budget_s seconds (from the first timed step) once it
     holds min_pairs."""
     import tempfile
 
