@@ -6,8 +6,9 @@ import argparse
 
 STEPS, REPEATS, QUICK_REPEATS = 4, 24, 12
 # Seconds per size of the alternating speedup run. Over 60 s here the median's 95 % interval
-# spans ±2.0-2.6 points with the profiler off (464-776 prefill, 80-104 train pairs) and
-# ±2.2-4.0 / ±3-7 points with it on (README "Calibration and validation")
+# spanned ±0.7-3.4 points at prefill (328-728 pairs) and ±1.8-4.6 at train (72-152) with the
+# profiler off, in the full matrix of 17:55 UTC; ±2.2-4 / ±4.5-7 with it on (README
+# "Calibration and validation")
 SPEEDUP_SECONDS = 60.0
 HELP = "predict live CPU runs (schedules x world sizes x sizes x modes) from the calibration and compare (writes VAL/validation.json)"
 
