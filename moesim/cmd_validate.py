@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speedup-pairs", type=int, default=None,
                         help="a fixed number of pairs for that run instead of --speedup-seconds (0 = skip it)")
     parser.add_argument("--speedup-profiled", action="store_true",
-                        help="run that alternating run under the profiler, as the configs ran (about a third of the "
+                        help="run that alternating run under the profiler, as the configs ran (a quarter to a half of the "
                              "pairs in the same time, each noisier)")
     parser.add_argument("--merge", nargs="+", metavar="VAL_PART", default=None,
                         help="run nothing: combine these validation dirs (matrix subsets) into -o VAL")
