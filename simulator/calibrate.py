@@ -38,6 +38,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ def _comm_worker(rank: int, world_size: int, backend: str, port: int, sizes: Seq
         torch.cuda.set_device(rank)
     dev = torch.device(f"cuda:{rank}" if use_cuda else "cpu")
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # older torch: the latter
     times: dict[str, dict[str, list[float]]] = {}
     try:
         for coll in COLLECTIVES:
@@ -110,7 +112,7 @@ def _comm_worker(rank: int, world_size: int, backend: str, port: int, sizes: Seq
                     elif coll == "all_reduce":
                         dist.all_reduce(x)
                     else:
-                        dist.all_gather_single(out, x)
+                        all_gather(out, x)
                     if use_cuda:
                         torch.cuda.synchronize()
 
@@ -262,14 +264,26 @@ def fit_comm_load(points: Sequence[dict], cores: int) -> dict:
 # compute microbenchmarks
 
 
-def _compute_cases(torch, seed: int) -> list[tuple[str, Callable[[], object]]]:
-    """(op name in the trace, thunk) pairs covering each op kind over a range of sizes."""
+# Added on a GPU, where the CPU sizes above all finish within a kernel launch: LongCat-Flash's
+# own GEMM widths (hidden 6144, dense FFN 12288, expert FFN 2048, q_lora 1536) at 512-4096
+# tokens, elementwise ops up to 64 Mi elements, attention at 2K-4K tokens.
+GPU_GEMMS = ((512, 6144, 2048), (2048, 6144, 2048), (4096, 6144, 12288), (4096, 12288, 6144), (2048, 6144, 1536))
+GPU_ELEMENTWISE = (1 << 23, 1 << 26)
+GPU_ATTENTION = ((1, 16, 2048, 128), (1, 64, 4096, 128))
+
+
+def _compute_cases(torch, seed: int, device: str = "cpu") -> list[tuple[str, Callable[[], object]]]:
+    """(op name in the trace, thunk) pairs covering each op kind over a range of sizes; on a
+    GPU device also GPU_* sizes. Tensors are drawn on the CPU (one generator, the same
+    values everywhere) and moved to `device`."""
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
+    gpu = device != "cpu"
     F = torch.nn.functional
     cases: list[tuple[str, Callable[[], object]]] = []
     for m, k, n in [(16, 64, 64), (64, 128, 128), (128, 256, 512), (256, 256, 256), (512, 256, 1024),
-                    (1024, 512, 512), (256, 1024, 256), (2048, 256, 256), (128, 128, 1024), (512, 512, 2048)]:
+                    (1024, 512, 512), (256, 1024, 256), (2048, 256, 256), (128, 128, 1024), (512, 512, 2048),
+                    *(GPU_GEMMS if gpu else ())]:
         a, w = rnd(m, k), rnd(n, k)
         cases.append(("aten::mm", lambda a=a, w=w: torch.mm(a, w.t())))
         cases.append(("aten::linear", lambda a=a, w=w: F.linear(a, w)))
@@ -279,19 +293,19 @@ def _compute_cases(torch, seed: int) -> list[tuple[str, Callable[[], object]]]:
     if hasattr(torch, "_grouped_mm"):
         for rows, k, n, groups in [(64, 128, 128, 4), (256, 256, 128, 8), (1024, 256, 256, 8)]:
             a, w = rnd(rows, k), rnd(groups, k, n)
-            offs = torch.linspace(rows // groups, rows, groups).to(torch.int32)
+            offs = torch.linspace(rows // groups, rows, groups).to(torch.int32).to(device)
             cases.append(("aten::_grouped_mm", lambda a=a, w=w, offs=offs: torch._grouped_mm(a, w, offs=offs)))
-    for numel in [1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 21]:
+    for numel in [1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 21, *(GPU_ELEMENTWISE if gpu else ())]:
         x, y = rnd(numel // 256, 256), rnd(numel // 256, 256)
         cases.append(("aten::add", lambda x=x, y=y: x + y))
         cases.append(("aten::mul", lambda x=x, y=y: x * y))
         cases.append(("aten::silu", lambda x=x: F.silu(x)))
         cases.append(("aten::_fused_rms_norm", lambda x=x: F.rms_norm(x, (256,))))
         cases.append(("aten::_softmax", lambda x=x: torch.softmax(x, -1)))
-        idx = torch.randint(0, numel // 256, (numel // 512,), generator=g)
+        idx = torch.randint(0, numel // 256, (numel // 512,), generator=g).to(device)
         cases.append(("aten::index", lambda x=x, idx=idx: x[idx]))
         cases.append(("aten::cat", lambda x=x, y=y: torch.cat([x, y])))
-    for b, h, t, d in [(1, 4, 64, 32), (2, 4, 128, 32), (2, 8, 256, 64), (4, 8, 512, 64)]:
+    for b, h, t, d in [(1, 4, 64, 32), (2, 4, 128, 32), (2, 8, 256, 64), (4, 8, 512, 64), *(GPU_ATTENTION if gpu else ())]:
         q = rnd(b, h, t, d)
         cases.append(("aten::scaled_dot_product_attention",
                       lambda q=q: F.scaled_dot_product_attention(q, q, q, is_causal=True)))
@@ -299,31 +313,41 @@ def _compute_cases(torch, seed: int) -> list[tuple[str, Callable[[], object]]]:
 
 
 def compute_points(device: str = "cpu", reps: int = 7, seed: int = 0) -> list[dict]:
-    """Time every compute case `reps` times under the profiler; one point per case.
+    """Time every compute case `reps` times; one point per case.
 
     Each point: the traced op name, its kind, input shapes/dtypes, FLOPs and bytes from
-    `op_work`, and the median of the op's profiled durations (µs).
+    `op_work` (shapes recorded by the profiler), and the median duration (µs): on the CPU
+    the op's profiled time, on a GPU the time between CUDA events around the call (its
+    kernels). On a GPU a case the device cannot run (say, a float32 grouped GEMM) is left
+    out with a note on stderr.
     """
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    if device != "cpu":
-        return _compute_points_cuda(reps, seed)
-    torch.set_num_threads(1)
+    cuda = device != "cpu"
+    if cuda:
+        torch.cuda.set_device(0)
+        device = "cuda:0"
+    else:
+        torch.set_num_threads(1)
     points = []
-    for name, thunk in _compute_cases(torch, seed):
-        for _ in range(2):
-            thunk()
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            for _ in range(reps):
+    for name, thunk in _compute_cases(torch, seed, device):
+        try:
+            for _ in range(3 if cuda else 2):
                 thunk()
-        events = [e for e in prof.events() if e.name == name and (e.cpu_parent is None or e.cpu_parent.name != name)]
+            events = _profiled_events(torch, name, thunk, 1 if cuda else reps)
+            durs = _cuda_event_times(torch, thunk, reps) if cuda else [e.cpu_time_total for e in events]
+        except Exception as err:  # noqa: BLE001 - any case the GPU refuses is left out, named
+            if not cuda:
+                raise
+            print(f"calibrate: {name} left out on {torch.cuda.get_device_name(0)}: {str(err).splitlines()[0]}",
+                  file=sys.stderr)
+            continue
         if not events:
             continue
-        top = [e for e in events if e.cpu_parent is None] or events
-        ev = top[0]
-        work = op_work(name, ev.input_shapes, ev.input_dtypes)
-        durs = [e.cpu_time_total for e in top]
+        ev = events[0]
+        # torch 2.11's FunctionEvent has no input_dtypes: take each tensor as float32 (the cases' data)
+        types = getattr(ev, "input_dtypes", None) or ["float" if isinstance(d, list) and d else "" for d in ev.input_shapes]
+        work = op_work(name, ev.input_shapes, types)
         points.append({
             "name": name, "kind": work.kind, "shapes": ev.input_shapes, "flops": work.flops,
             "bytes": work.bytes, "dur_us": statistics.median(durs),
@@ -331,27 +355,28 @@ def compute_points(device: str = "cpu", reps: int = 7, seed: int = 0) -> list[di
     return points
 
 
-def _compute_points_cuda(reps: int, seed: int) -> list[dict]:
-    """The same cases timed with CUDA events on cuda:0 (untested without a GPU)."""
-    import torch
+def _profiled_events(torch, name: str, thunk: Callable[[], object], reps: int) -> list:
+    """The top-level `name` events of `reps` calls under the profiler (CPU activity, shapes)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    points = []
-    torch.cuda.set_device(0)
-    with torch.device("cuda"):
-        for name, thunk in _compute_cases(torch, seed):
-            for _ in range(3):
-                thunk()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            durs = []
-            for _ in range(reps):
-                start.record()
-                thunk()
-                end.record()
-                torch.cuda.synchronize()
-                durs.append(start.elapsed_time(end) * 1e3)
-            points.append({"name": name, "kind": classify(name), "shapes": [], "flops": 0.0, "bytes": 0.0,
-                           "dur_us": statistics.median(durs)})
-    return points
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(reps):
+            thunk()
+    events = [e for e in prof.events() if e.name == name and (e.cpu_parent is None or e.cpu_parent.name != name)]
+    return [e for e in events if e.cpu_parent is None] or events
+
+
+def _cuda_event_times(torch, thunk: Callable[[], object], reps: int) -> list[float]:
+    """µs between CUDA events recorded around each of `reps` calls, synchronised after each."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    durs = []
+    for _ in range(reps):
+        start.record()
+        thunk()
+        end.record()
+        torch.cuda.synchronize()
+        durs.append(start.elapsed_time(end) * 1e3)
+    return durs
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,10 +397,17 @@ def cpu_device_spec(points: Sequence[dict]) -> DeviceSpec:
     )
 
 
+def gpu_device_spec(name: str) -> DeviceSpec:
+    """The datasheet DeviceSpec whose name appears in the CUDA device name ("NVIDIA H200" →
+    H200; the longest match wins); H800 when none does."""
+    known = sorted((k for k in DEVICES if k != "cpu-core" and k.lower() in name.lower()), key=len, reverse=True)
+    return DEVICES[known[0]] if known else DEVICES["H800"]
+
+
 def fit_calibration(backend: str, world_size: int, device: dict, compute: list[dict], comm: list[dict],
                     torch_version: str, comm_load: dict | None = None) -> dict:
     """The calibration object (see module docstring) from measured points."""
-    spec = cpu_device_spec(compute) if device.get("type") == "cpu" else DEVICES.get(device.get("name", ""), DEVICES["H800"])
+    spec = cpu_device_spec(compute) if device.get("type") == "cpu" else gpu_device_spec(device.get("name", ""))
     model = fit_cost_model(spec, [p["kind"] for p in compute], [p["flops"] for p in compute],
                            [p["bytes"] for p in compute], [p["dur_us"] for p in compute])
     fits = {}

@@ -1,0 +1,210 @@
+"""Capture LongCat-Flash on one GPU: real Kineto traces with kernels, live step times, a
+GPU calibration. The device session's one prepared script; on a CPU machine it runs the
+same stages on gloo (a dry run of the script itself).
+
+    python3 tests/benchmarks/gpu_capture.py OUT [--work DIR] [--deadline-s 330] [--rounds 2]
+
+Stages, each started only while enough of the deadline is left, each archived as
+OUT/<stage>.tar.gz when it ends (under 15 MiB: the largest traces outside the stage's kept
+configs are dropped until it fits):
+    env        torch, CUDA device, nvidia-smi -> OUT/env.json
+    tiny       prefill, decode, train x sequential, shortcut; profiled; one visit each
+    calibrate  `moesim calibrate --backend nccl --world-size 1` (kernels by CUDA events)
+    cli        `moesim profile` once, as a user runs it
+    small-prefill, small-train
+               prefill and train at 3 (batch, seq) sizes, decode at one, x both schedules x
+               profiler on/off (train profiled at the first size only: its traces are ~3x
+               prefill's), `--rounds` serpentine rounds in one process per stage
+               (capture_interleaved); only round 0 keeps its traces
+Run it with `| tee OUT/log.txt`. Nothing here asserts: the tests read the committed
+results (tests/data/h200/), and the README's H200 figures come from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+SCHEDULES = ("sequential", "shortcut")
+TAR_LIMIT = 15 * 2**20
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def stage_env(out: Path) -> None:
+    import torch
+
+    env = {
+        "python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+        "cpu_count": os.cpu_count(), "host": platform.node(),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(device=torch.cuda.get_device_name(0), cuda=torch.version.cuda, sms=p.multi_processor_count,
+                   memory_gib=round(p.total_memory / 2**30, 1))
+        try:
+            env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem",
+                                                "--format=csv"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError) as err:
+            env["nvidia_smi"] = f"failed: {err}"
+    (out / "env.json").write_text(json.dumps(env, indent=2))
+    log(f"env {env}")
+
+
+def interleaved(specs_by_name: dict, rounds: int, work: Path, timeout_s: float) -> None:
+    """One capture_interleaved of every spec, `rounds` serpentine rounds, into
+    work/NAME/rep{r}; traces kept for round 0 only."""
+    from traces.capture import capture_interleaved
+
+    names = list(specs_by_name)
+    specs = [specs_by_name[n] for n in names]
+    visits = []
+    for r in range(rounds):
+        order = range(len(names)) if r % 2 == 0 else reversed(range(len(names)))
+        visits += [(k, work / names[k] / f"rep{r}") for k in order]
+    t0 = time.time()
+    capture_interleaved(specs, visits, work / ".status", timeout_s=timeout_s, progress=lambda line: None)
+    log(f"{work.name}: {len(visits)} visits in {time.time() - t0:.0f} s")
+    for _, d in visits:
+        if d.name != "rep0":
+            for trace in d.glob("*.pt.trace.json*"):
+                trace.unlink()
+        run = json.loads((d / "run.json").read_text())
+        log(f"  {d.parent.name}/{d.name}: median {run['step_time_us_median'] / 1e3:.3f} ms "
+            f"({run['steps']} steps, profiler {run.get('profiler', '?')})")
+
+
+def stage_tiny(work: Path, timeout_s: float) -> None:
+    from traces.capture import CaptureSpec
+
+    specs = {}
+    for mode in ("prefill", "decode", "train"):
+        for schedule in SCHEDULES:
+            specs[f"{mode}-{schedule}"] = CaptureSpec(
+                out_dir="", preset="tiny", world_size=1, schedule=schedule, mode=mode, batch=2,
+                seq=1 if mode == "decode" else 16, context=16 if mode == "decode" else 0, steps=5, warmup=2)
+    interleaved(specs, 1, work, timeout_s)
+
+
+def stage_small(work: Path, timeout_s: float, rounds: int, modes: tuple[str, ...], sizes: list[tuple[int, int]]) -> None:
+    from traces.capture import CaptureSpec
+
+    specs = {}
+    for mode in modes:
+        for i, (batch, seq) in enumerate(sizes if mode != "decode" else [(4, 1)]):
+            for schedule in SCHEDULES:
+                for profiled in ((True, False) if mode != "train" or i == 0 else (False,)):
+                    name = f"{mode}-b{batch}-t{seq}-{schedule}-{'prof' if profiled else 'noprof'}"
+                    specs[name] = CaptureSpec(
+                        out_dir="", preset="small", world_size=1, schedule=schedule, mode=mode, batch=batch, seq=seq,
+                        context=128 if mode == "decode" else 0, steps=3 if profiled else 20, warmup=2,
+                        profiler=profiled)
+    interleaved(specs, rounds, work, timeout_s)
+
+
+def stage_calibrate(work: Path, timeout_s: float, backend: str) -> None:
+    cmd = [sys.executable, "-m", "moesim", "calibrate", "--backend", backend, "--world-size", "1", "-o", str(work)]
+    log(" ".join(cmd[1:]))
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=timeout_s)
+
+
+def stage_cli(work: Path, timeout_s: float) -> None:
+    cmd = [sys.executable, "-m", "moesim", "profile", "--preset", "small", "--world-size", "1",
+           "--schedule", "shortcut", "--out", str(work / "small-prefill-shortcut")]
+    log(" ".join(cmd[1:]))
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=timeout_s)
+
+
+def archive(out: Path, stage_dir: Path, keep: str) -> None:
+    """OUT/<stage>.tar.gz of stage_dir; while it is over TAR_LIMIT, the largest trace of a
+    config whose name does not start with `keep` is deleted first (the device returns files
+    of at most 16 MiB)."""
+    path, tmp = out / f"{stage_dir.name}.tar.gz", out / f".{stage_dir.name}.tar.gz.partial"
+    while True:
+        with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+            tar.add(stage_dir, arcname=stage_dir.name, filter=lambda t: None if "/.status" in t.name else t)
+        os.replace(tmp, path)
+        size = path.stat().st_size
+        log(f"archive {path.name} {size / 2**20:.1f} MiB")
+        if size <= TAR_LIMIT:
+            return
+        traces = sorted((t for t in stage_dir.rglob("*.pt.trace.json*")
+                         if keep and not t.parent.parent.name.startswith(keep)),
+                        key=lambda t: t.stat().st_size, reverse=True)
+        if not traces:
+            log(f"archive {path.name}: over {TAR_LIMIT / 2**20:.0f} MiB and no trace left to drop")
+            return
+        log(f"  dropping {traces[0].relative_to(stage_dir)} ({traces[0].stat().st_size / 2**20:.1f} MiB)")
+        traces[0].unlink()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--deadline-s", type=float, default=330.0, help="start no stage after this (default 330)")
+    parser.add_argument("--rounds", type=int, default=2, help="serpentine rounds of the small matrix (default 2)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the stages write before archiving (default OUT/work; emptied first)")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip")
+    parser.add_argument("--small-sizes", default="4x128,8x256,16x512",
+                        help="small's prefill/train (global batch)x(seq) sizes (default 4x128,8x256,16x512: 512-8192 tokens)")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    sizes = [tuple(int(x) for x in size.split("x")) for size in args.small_sizes.split(",")]
+    start = time.time()
+    out, work = args.out, args.work or args.out / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    base = "prefill-b{}-t{}".format(*sizes[0])
+    # (name, seconds it needs left, run(stage dir, seconds left), configs whose traces stay when trimming)
+    stages = [
+        ("env", 0, lambda d, left: stage_env(out), None),
+        ("tiny", 30, lambda d, left: stage_tiny(d, left), ""),
+        ("calibrate", 40, lambda d, left: stage_calibrate(d, left, backend), ""),
+        ("cli", 30, lambda d, left: stage_cli(d, left), ""),
+        ("small-prefill", 60, lambda d, left: stage_small(d, left, args.rounds, ("prefill", "decode"), sizes), base),
+        ("small-train", 60, lambda d, left: stage_small(d, left, args.rounds, ("train",), sizes), "train"),
+    ]
+    failed = []
+    for name, need, fn, keep in stages:
+        left = args.deadline_s - (time.time() - start)
+        if name in args.skip.split(","):
+            continue
+        if left < need:
+            log(f"{name}: skipped, {left:.0f} s left")
+            failed.append(name)
+            continue
+        log(f"{name}: start ({left:.0f} s left)")
+        stage_dir = work / name
+        stage_dir.mkdir()
+        try:
+            fn(stage_dir, left)
+        except Exception:  # a stage's failure must not lose the others' results
+            log(f"{name}: FAILED\n{traceback.format_exc()}")
+            failed.append(name)
+        if keep is not None:
+            archive(out, stage_dir, keep)
+    log(f"done in {time.time() - start:.0f} s; failed or skipped: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
