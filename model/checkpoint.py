@@ -1,11 +1,13 @@
 """State-dict checks and layout conversion for LongcatFlash.
 
-Our parameter names and shapes are exactly transformers' LongcatFlashForCausalLM (5.x):
-    model.layers.{i}.mlp.experts.gate_up_proj  [N + Z, 2I, D]   gate rows first
+Our parameter names and shapes are exactly transformers' LongcatFlashForCausalLM (5.25 on):
+    model.layers.{i}.mlp.experts.gate_up_proj  [N, 2I, D]   gate rows first
     model.layers.{i}.mlp.experts.down_proj     [N, D, I]
-The earlier per-expert layout (transformers 4.x and the hub checkpoint's own names) is
+The earlier layouts `to_stacked_experts` converts: per expert (transformers 4.x and the hub
+checkpoint's own names)
     model.layers.{i}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight   e < N only
-`to_stacked_experts` converts it (the identity experts' unused gate_up rows become zeros).
+and transformers 5.0-5.24's stacked gate_up_proj [N + Z, 2I, D], whose Z identity-expert
+rows were never read (they are dropped).
 MTP weights (`model.mtp.*`) are dropped: we do not model multi-token prediction.
 """
 
@@ -35,11 +37,13 @@ def to_stacked_experts(state_dict: Mapping[str, torch.Tensor], config: LongcatCo
             continue
         match = _PER_EXPERT.match(key)
         if match is None:
-            out[key] = tensor
+            stacked_with_identity_rows = (key.endswith(".mlp.experts.gate_up_proj") and config.zero_expert_num
+                                          and tensor.dim() == 3 and tensor.shape[0] == config.n_experts_total)
+            out[key] = tensor[: config.n_routed_experts] if stacked_with_identity_rows else tensor
             continue
         prefix, _, expert, proj = match.groups()
         per_expert.setdefault(prefix, {}).setdefault(int(expert), {})[proj] = tensor
-    N, Z = config.n_routed_experts, config.zero_expert_num
+    N = config.n_routed_experts
     for prefix, experts in per_expert.items():
         bad = sorted(e for e in experts if e >= N or set(experts[e]) != {"gate_proj", "up_proj", "down_proj"})
         missing = [e for e in range(N) if e not in experts]
@@ -48,11 +52,8 @@ def to_stacked_experts(state_dict: Mapping[str, torch.Tensor], config: LongcatCo
                 f"per-expert layout under {prefix}: experts {missing} missing, "
                 f"experts {bad} out of range or incomplete (expected gate/up/down for 0..{N - 1})"
             )
-        first = experts[0]["gate_proj"]
-        gate_up = first.new_zeros(N + Z, 2 * first.shape[0], first.shape[1])
-        for e in range(N):
-            gate_up[e] = torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]], dim=0)
-        out[f"{prefix}.gate_up_proj"] = gate_up
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]], dim=0) for e in range(N)])
         out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(N)])
     return out
 

@@ -16,8 +16,7 @@ Conventions
   read once; kv_cache_bytes = latents read (context) + written (new tokens).
 - training = forward + backward: backward matmul FLOPs are 2x forward (input and weight
   gradients); bytes: weights read twice + gradients written, activations 3x.
-- Parameters: identity experts own no weights, so the transformers layout's unused
-  gate_up_proj rows for them are not counted. The router's correction bias is a buffer.
+- Parameters: identity experts own no weights. The router's correction bias is a buffer.
 """
 
 from __future__ import annotations

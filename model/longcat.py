@@ -130,7 +130,11 @@ class LongcatFlash(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         for layer in self.model.layers:
-            nn.init.normal_(layer.mlp.experts.gate_up_proj, 0.0, std, generator=generator)
+            # drawn as [N + Z, 2I, D] and cut to the N FFN experts: the same weights for a seed
+            # as when the identity experts had (unused) rows too (transformers before 5.25)
+            gate_up = layer.mlp.experts.gate_up_proj
+            drawn = torch.empty(self.config.n_experts_total, *gate_up.shape[1:], dtype=gate_up.dtype)
+            gate_up.copy_(nn.init.normal_(drawn, 0.0, std, generator=generator)[: gate_up.shape[0]])
             nn.init.normal_(layer.mlp.experts.down_proj, 0.0, std, generator=generator)
             nn.init.zeros_(layer.mlp.router.e_score_correction_bias)
 

@@ -97,16 +97,16 @@ def grouped_expert_ffn(
 class Experts(nn.Module):
     """N stacked SwiGLU FFN experts plus Z identity experts.
 
-    Parameters follow transformers' 5.x layout: gate_up_proj [N + Z, 2I, D] (the Z rows of
-    the identity experts exist but are never read), down_proj [N, D, I].
+    Parameters follow transformers' layout (5.25 on): gate_up_proj [N, 2I, D], down_proj
+    [N, D, I]; identity experts own no weights.
     """
 
     def __init__(self, config: LongcatConfig) -> None:
         super().__init__()
         self.n_routed_experts = config.n_routed_experts
         self.zero_expert_num = config.zero_expert_num
-        E, N, I, D = config.n_experts_total, config.n_routed_experts, config.expert_ffn_hidden_size, config.hidden_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        N, I, D = config.n_routed_experts, config.expert_ffn_hidden_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(N, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(N, D, I))
 
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:

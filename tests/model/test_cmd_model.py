@@ -40,12 +40,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_table_shows_small_models_in_readable_units(capsys):
     """tiny has ~0.4 M parameters: the table prints the count of the built model's weights
-    (identity experts' unused gate_up rows excluded), not "0.000 B"."""
+    (identity experts own none), not "0.000 B"."""
     from model.longcat import LongcatFlash
 
     cfg = LongcatConfig.preset("tiny")
     built = sum(p.numel() for p in LongcatFlash(cfg).parameters())
-    unused = cfg.num_layers * cfg.zero_expert_num * 2 * cfg.expert_ffn_hidden_size * cfg.hidden_size
     assert main(["model", "--preset", "tiny"]) == 0
     total_line = next(line for line in capsys.readouterr().out.splitlines() if "total params" in line)
-    assert total_line.split()[-1] == f"{built - unused:,}"
+    assert total_line.split()[-1] == f"{built:,}"

@@ -124,3 +124,20 @@ def test_training_step_reaches_every_parameter():
             assert p.grad[N:].abs().sum() == 0 and p.grad[:N].abs().sum() > 0
         elif "embed_tokens" not in name:
             assert p.grad.abs().sum() > 0, name
+
+
+def test_stacked_layout_of_transformers_before_5_25_loads():
+    """transformers 5.0-5.24 stacked gate_up_proj as [N + Z, 2I, D] (identity experts'
+    rows never read): converting drops those rows and the model computes the same."""
+    model = seeded_model()
+    sd = model.state_dict()
+    Z = CFG.zero_expert_num
+    legacy = dict(sd)
+    for key in [k for k in sd if k.endswith("experts.gate_up_proj")]:
+        legacy[key] = torch.cat([sd[key], torch.randn(Z, *sd[key].shape[1:])])
+        assert legacy[key].shape[0] == CFG.n_experts_total
+    other = LongcatFlash(CFG)
+    other.load_state_dict(to_stacked_experts(legacy, CFG), strict=True)
+    ids = torch.randint(0, CFG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, model(ids).logits)
