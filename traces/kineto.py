@@ -72,6 +72,12 @@ class TraceFile:
     rank: int = -1
     world_size: int = -1
     pg_ranks: dict[str, list[int]] = field(default_factory=dict)
+    # autograd's forward → backward links (`fwdbwd` flow events, ph s on the forward op's
+    # start, ph f on the backward node's start; F = their number)
+    flow_id: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (F,)
+    flow_is_start: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (F,) ph s
+    flow_ts_us: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64))  # (F,) as ts_us
+    flow_thread: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))  # (F,) into `threads`
 
 
 CHUNK_BYTES = 4 << 20  # parse the events array in pieces of about this size (bounds memory)
@@ -274,7 +280,14 @@ def _columns(events: list) -> dict:
     moved = [(args[i] or empty).get("bytes", 0) for i in gpu]
     nbytes[gpu] = [b if b.__class__ in (int, float) and 0 <= b < 1e300 else 0 for b in moved]
     cat_list = cat.tolist()
+    flows = [e for e in events if e.get("cat") == "fwdbwd" and e.get("ph") in ("s", "f")
+             and e.get("ts").__class__ in (int, float) and e.get("pid").__class__ in (int, str)
+             and e.get("tid").__class__ in (int, str)]
     return {
+        "flow_id": np.array([_as_int(e.get("id"), -1) for e in flows], dtype=np.int64),
+        "flow_is_start": np.array([e["ph"] == "s" for e in flows], dtype=bool),
+        "flow_ts": np.array([e["ts"] for e in flows], dtype=np.float64),
+        "flow_threads": [(e.get("pid"), e.get("tid")) for e in flows],
         "cat": cat,
         "name": names,
         "threads": threads,
@@ -295,6 +308,8 @@ def _merge_parts(path: Path, meta: dict, parts: list[dict]) -> TraceFile:
         raise TraceError(f"{path}: baseTimeNanoseconds must be a non-negative integer, got {base!r}")
     thread_of: dict[tuple, int] = {}
     thread = np.array([thread_of.setdefault(t, len(thread_of)) for p in parts for t in p["threads"]], dtype=np.int32)
+    flow_thread = np.array([thread_of.setdefault(t, len(thread_of)) for p in parts for t in p["flow_threads"]],
+                           dtype=np.int32)
     return TraceFile(
         path=path,
         meta=meta,
@@ -309,6 +324,10 @@ def _merge_parts(path: Path, meta: dict, parts: list[dict]) -> TraceFile:
         stream=np.concatenate([p["stream"] for p in parts]),
         nbytes=np.concatenate([p["nbytes"] for p in parts]),
         args=[a for p in parts for a in p["args"]],
+        flow_id=np.concatenate([p["flow_id"] for p in parts]),
+        flow_is_start=np.concatenate([p["flow_is_start"] for p in parts]),
+        flow_ts_us=np.concatenate([p["flow_ts"] for p in parts]),
+        flow_thread=flow_thread,
         base_ns=base,
         n_events=sum(p["n_events"] for p in parts),
     )

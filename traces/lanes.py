@@ -1,7 +1,8 @@
 """One rank's Kineto events → normalized ops: lanes, kinds, labels, steps, dependencies.
 
 Lanes (ops on a lane never overlap and run in start order):
-    cpu:main            the thread with the most cpu_op events
+    cpu:main            the thread holding the ProfilerStep#N annotations (the one that steps
+                        the profiler), else the one with the most cpu_op events
     cpu:gloo            the first worker thread that runs `gloo:*` collectives
     cpu:gloo/1, /2 ...  further such threads, numbered by their first event
                         (`cpu:nccl`, `cpu:mpi` ... likewise for those backends)
@@ -17,12 +18,15 @@ autograd Function `_ExchangeStart` that calls `c10d::alltoall_base_` becomes
 `_ExchangeStart` | `c10d::alltoall_base_` | `_ExchangeStart`, kinds host | host | host).
 The pieces cover exactly the top-level time. user_annotation ranges are not ops: `L{n}/{block}`
 ranges give labels, `ProfilerStep#N` gives the step, others are kept as labels when no
-`L...` range encloses the op.
+`L...` range encloses the op (collective ranges, `nccl:*` / `gloo:*`, never are).
 
 Labels: an op gets the innermost `L...` user_annotation range of its thread that contains
-its midpoint (else the innermost other annotation, else ""). GPU ops take the label and step
-of the CPU call that launched them (matched by `correlation`); gloo collectives those of
-the c10d call that issued them.
+its midpoint (else the innermost other annotation, else ""). Backward work on a thread
+without annotations (on CUDA, autograd runs the backward pass on a worker thread of its own)
+takes, per top-level op, the label of the forward op that its first `fwdbwd` flow starts
+from, plus ":bwd" (`L0/experts:bwd`). GPU ops take the label and step of the CPU call that
+launched them (matched by `correlation`); gloo collectives those of the c10d call that
+issued them.
 
 Dependencies (`deps`, besides the lane predecessor):
     kernel / memcpy / memset   ← the cuda_runtime / cuda_driver call with its correlation
@@ -36,7 +40,7 @@ Dependencies (`deps`, besides the lane predecessor):
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -121,7 +125,12 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
     n_threads = len(tf.threads)
     op_count = np.bincount(tf.thread[cat == CPU_OP], minlength=n_threads)
     any_count = np.bincount(tf.thread[cpu_idx], minlength=n_threads)
-    main = int(np.argmax(op_count)) if op_count.sum() else (int(np.argmax(any_count)) if any_count.sum() else -1)
+    # the thread that steps the profiler (on CUDA, autograd's backward thread can run more ops)
+    step_threads = Counter(int(tf.thread[i]) for i in step_ann)
+    if step_threads:
+        main = step_threads.most_common(1)[0][0]
+    else:
+        main = int(np.argmax(op_count)) if op_count.sum() else (int(np.argmax(any_count)) if any_count.sum() else -1)
     if has_gpu:  # nccl:* ranges wrap kernel launches; only gloo worker threads run comm on CPU
         comm_ann = {i for i in comm_ann if tf.thread[i] != main and names[i].startswith("gloo:")}
     by_time = cpu_idx[np.argsort(start[cpu_idx], kind="stable")]
@@ -142,6 +151,16 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
         else:
             other += 1
             lane_of_thread[thread] = f"cpu:thread/{other}"
+
+    # label painters per thread: L{layer}/{block} ranges first, then the other annotations
+    painters = {}
+    for thread in lane_of_thread:
+        t_ann = [i for i in label_ann if tf.thread[i] == thread]
+        l_ann = [i for i in t_ann if _is_l_label(names[i])]
+        f_ann = [i for i in t_ann if not _is_l_label(names[i])]
+        painters[thread] = (_Painter(start[l_ann], end[l_ann], [names[i] for i in l_ann]),
+                            _Painter(start[f_ann], end[f_ann], [names[i] for i in f_ann]))
+    backward_label = _backward_labels(tf, painters)
 
     out = _OpColumns()
     kind_cache: dict[tuple, str] = {}
@@ -174,11 +193,7 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
             calls = nested[comm_calls]
             holder = np.searchsorted(start[tops], start[calls], side="right") - 1
             issuing_tops = set(tops[holder[holder >= 0]].tolist())
-        t_ann = [i for i in label_ann if tf.thread[i] == thread]
-        l_ann = [i for i in t_ann if _is_l_label(names[i])]
-        f_ann = [i for i in t_ann if not _is_l_label(names[i])]
-        l_paint = _Painter(start[l_ann], end[l_ann], [names[i] for i in l_ann])
-        f_paint = _Painter(start[f_ann], end[f_ann], [names[i] for i in f_ann])
+        l_paint, f_paint = painters[thread]
         ps, pe, src = pieces
         mid = (ps + pe) / 2
         l_hit, f_hit, s_hit = l_paint.lookup(mid), f_paint.lookup(mid), steps.lookup(mid)
@@ -191,6 +206,13 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
         l_values = np.array(l_paint.values + [""], dtype=object)
         f_values = np.array(f_paint.values + [""], dtype=object)
         labels = np.where(l_hit >= 0, l_values[l_hit], f_values[f_hit]).tolist()
+        if thread in backward_label:  # unannotated backward work: its forward op's label
+            flow_ts, flow_label = backward_label[thread]
+            holder = np.searchsorted(start[tops], mid, side="right") - 1
+            first_flow = np.searchsorted(flow_ts, start[tops], side="left")
+            top_label = [flow_label[k] if k < len(flow_ts) and flow_ts[k] <= end[t] else ""
+                         for k, t in zip(first_flow.tolist(), tops.tolist())]
+            labels = [lab or (top_label[h] if h >= 0 else "") for lab, h in zip(labels, holder.tolist())]
         step_values = np.array([int(v) for v in steps.values] + [-1], dtype=np.int64)
         out.extend(lane, kinds, piece_names, labels, ps, pe - ps, step_values[s_hit])
         # every CPU event of the thread → the piece that ends with it
@@ -248,6 +270,29 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
     _gloo_deps(tf, out, event_piece, has_gpu)
     out.assign_seq()
     return out.columns()
+
+
+def _backward_labels(tf: TraceFile, painters: dict) -> dict[int, tuple[np.ndarray, list[str]]]:
+    """Labels for backward work on threads without annotations (CUDA autograd runs the
+    backward pass on a worker thread of its own): thread → (times of the `fwdbwd` flow ends
+    there, sorted; for each, the label of the forward op at the flow's start, with ":bwd")."""
+    starts = {int(i): (float(t), int(th)) for i, t, th, s in
+              zip(tf.flow_id.tolist(), tf.flow_ts_us.tolist(), tf.flow_thread.tolist(), tf.flow_is_start.tolist()) if s}
+    ends: dict[int, list[tuple[float, str]]] = defaultdict(list)
+    for i, t, th, s in zip(tf.flow_id.tolist(), tf.flow_ts_us.tolist(), tf.flow_thread.tolist(), tf.flow_is_start.tolist()):
+        if s or i not in starts or starts[i][1] == th or starts[i][1] not in painters:
+            continue
+        fwd_ts, fwd_thread = starts[i]
+        l_paint, f_paint = painters[fwd_thread]
+        at = np.array([fwd_ts])
+        l_hit, f_hit = int(l_paint.lookup(at)[0]), int(f_paint.lookup(at)[0])
+        label = l_paint.values[l_hit] if l_hit >= 0 else (f_paint.values[f_hit] if f_hit >= 0 else "")
+        ends[th].append((t, f"{label}:bwd" if label else ""))
+    out = {}
+    for th, items in ends.items():
+        items.sort()
+        out[th] = (np.array([t for t, _ in items]), [lab for _, lab in items])
+    return out
 
 
 def _is_comm_call(name: str, cache: dict[str, bool]) -> bool:
