@@ -20,7 +20,8 @@ HELP = "simulate a run on a cluster model (replay a traced run) and write a simu
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", metavar="RUN", default=None, help="run dir holding ops.parquet (or the parquet file) to replay")
     parser.add_argument("--cluster", metavar="NAME", default=None,
-                        help="cluster preset or .graphml/.json topology (default for gloo runs: cpu-loopback)")
+                        help="cluster preset or .graphml/.json topology (default: cpu-loopback for gloo runs, "
+                             "the GPU's preset for NCCL runs on an H200/H100/H800/A100/A800/A30)")
     parser.add_argument("--gpus", type=int, default=None, help="cluster size (default: the trace's ranks, rounded up to whole nodes)")
     parser.add_argument("--cores", type=int, default=None, help="cpu-loopback: cores shared by the processes (default: run.json or this machine)")
     parser.add_argument("-o", "--out", metavar="SIMRUN", required=True, help="simulated run dir to write")
@@ -109,12 +110,19 @@ def _run_trace(args: argparse.Namespace) -> int:
     live = read_json(run_json) if run_json.is_file() else {}
     name = args.cluster
     if name is None:
+        from simulator.cluster import preset_for_devices
+
+        devices = [str(d) for d in (live.get("devices") or {}).values()]
         if live.get("backend") == "gloo":
             name = "cpu-loopback"
+        elif live.get("backend") == "nccl" and preset_for_devices(devices):
+            name = preset_for_devices(devices)
+            print(f"cluster {name} (the run's GPUs: {', '.join(sorted(set(devices)))}); --cluster picks another")
         else:
             from moesim.cli import UsageError
 
-            raise UsageError("--cluster NAME is required (the trace's run.json does not say it ran on gloo/CPU)")
+            said = f"ran on {', '.join(sorted(set(devices)))}" if devices else "does not say where it ran"
+            raise UsageError(f"--cluster NAME is required (the trace's run.json {said}, which names no cluster preset)")
     cores = args.cores
     if cores is None and name == "cpu-loopback":
         cores = int(live.get("cores") or live.get("hardware", {}).get("cpu_count", 0) or os.cpu_count() or 1)

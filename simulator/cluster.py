@@ -289,6 +289,21 @@ def cpu_loopback(gpus: int = 2, cores: int = 2) -> Cluster:
     return Cluster(name="cpu-loopback", gpu=spec, graph=g, gpus_per_node=gpus, kind="cpu", cores=cores, comm_sms=0)
 
 
+# A CUDA device name's marker → the preset of that GPU, first match wins
+DEVICE_PRESETS = (("h200", "h200"), ("h800", "h800"), ("h100", "h100"), ("a800", "a800"), ("a100", "a100"),
+                  ("a30", "a30-pcie"))
+
+
+def preset_for_devices(devices: list[str]) -> str | None:
+    """The cluster preset of the GPU every device name names ("NVIDIA H200" → h200), or
+    None when a name matches no preset or the names disagree."""
+    found = set()
+    for device in devices:
+        lower = device.lower()
+        found.add(next((preset for marker, preset in DEVICE_PRESETS if marker in lower), None))
+    return found.pop() if len(found) == 1 else None
+
+
 PRESETS: dict[str, Callable[..., Cluster]] = {
     "h800": h800,
     "h100": h100,

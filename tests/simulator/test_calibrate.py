@@ -2,6 +2,7 @@
 names the command that creates it; a small live gloo calibration runs end to end."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +114,44 @@ def test_live_gloo_calibration_cli(tmp_path, capsys):
         assert np.median([t for p in load["points"] for t in p["loaded_us_all"]]) > idle
     out = capsys.readouterr().out
     assert "comm load exponent" in out and "wrote" in out
+
+
+H200_CAL = Path(__file__).resolve().parents[1] / "data" / "h200" / "calibration.json"
+# NVIDIA's H200 SXM datasheet: FP32 (no tensor cores) 67 TFLOP/s, HBM3e 4.8 TB/s
+H200_FP32_FLOPS, H200_HBM_BYTES = 67e12, 4.8e12
+
+
+def test_h200_calibration_loads_as_nccl_and_names_the_device():
+    cal, compute, comm = load_calibration(H200_CAL, backend="nccl", world_size=1)
+    assert cal["device"]["name"] == "NVIDIA H200" and compute.device.name == "H200"
+    with pytest.raises(SimulationError, match="calibrated for backend nccl world size 1, asked for backend gloo"):
+        load_calibration(H200_CAL, backend="gloo", world_size=1)
+    assert comm.predict_us("all_to_all", 1, 1 << 20) > 0
+
+
+def test_h200_kernel_times_obey_the_datasheet():
+    """The measured kernels of the GPU calibration (float32, as the model runs) against the
+    H200's datasheet: no GEMM beats the FP32 peak and the LongCat-width ones reach over
+    half of it; the largest add moves 805 MB at 60-100 % of HBM bandwidth. A FLOP or byte
+    count off by 2x, or a device time in the wrong unit, breaks one of these."""
+    points = json.loads(H200_CAL.read_text())["points"]["compute"]
+    gemms = [p for p in points if p["kind"] == "gemm"]
+    rates = {tuple(map(tuple, p["shapes"][:2])): p["flops"] / (p["dur_us"] * 1e-6) for p in gemms}
+    assert max(rates.values()) < H200_FP32_FLOPS
+    big = [r for shapes, r in rates.items() if shapes[0][1] >= 6144 or shapes[1][0] >= 6144]
+    assert len(big) >= 8 and min(big) > 0.5 * H200_FP32_FLOPS
+    adds = [p for p in points if p["name"] == "aten::add"]
+    largest = max(adds, key=lambda p: p["bytes"])
+    assert largest["bytes"] == pytest.approx(3 * 4 * (1 << 26))  # two float32 inputs read, one written
+    assert 0.6 * H200_HBM_BYTES < largest["bytes"] / (largest["dur_us"] * 1e-6) < H200_HBM_BYTES
+    # a kernel cannot outlast the CUDA events recorded around its launch
+    assert all(p["dur_us"] <= p["latency_us"] * 1.05 for p in points)
+
+
+def test_h200_gemm_fit_predicts_its_longcat_width_points():
+    _, compute, _ = load_calibration(H200_CAL, backend="nccl")
+    points = json.loads(H200_CAL.read_text())["points"]["compute"]
+    big = [p for p in points if p["kind"] == "gemm" and p["dur_us"] > 200]
+    assert len(big) >= 8
+    for p in big:
+        assert compute.predict_us("gemm", p["flops"], p["bytes"]) == pytest.approx(p["dur_us"], rel=0.15), p["shapes"]

@@ -221,3 +221,53 @@ def test_run_dir_is_replaced_whole_or_not_at_all(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SimulationError, match="not a directory"):
         write_dir_atomic(tmp_path / "file", lambda tmp: None)
+
+
+H200_RUNS = Path(__file__).resolve().parents[1] / "data" / "h200"
+
+
+def test_preset_for_devices():
+    from simulator.cluster import preset_for_devices
+
+    assert preset_for_devices(["NVIDIA H200"]) == "h200"
+    assert preset_for_devices(["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"]) == "h100"
+    assert preset_for_devices(["NVIDIA A100-SXM4-80GB"]) == "a100"
+    assert preset_for_devices(["NVIDIA A30"]) == "a30-pcie"
+    assert preset_for_devices(["NVIDIA H200", "NVIDIA H100"]) is None  # mixed
+    assert preset_for_devices(["Tesla T4"]) is None and preset_for_devices([]) is None
+
+
+@pytest.mark.parametrize("name", ["small/prefill-b4-t128-sequential-prof/rep0", "small/prefill-b4-t128-shortcut-prof/rep0",
+                                  "tiny/train-shortcut"])
+def test_replaying_an_h200_trace_picks_the_h200_cluster_and_keeps_its_step_time(name, tmp_path, capsys):
+    """A real GPU step on the H200 is host-bound (the GPU busy ~7 %): its replay only comes
+    out right if every kernel waits for its launch and the host for its syncs. Reference:
+    the step times the live run measured with its own timer (run.json)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(H200_RUNS / name, run)
+    assert main(["parse", str(run)]) == 0
+    assert main(["simulate", "--trace", str(run), "-o", str(tmp_path / "sim")]) == 0
+    assert "cluster h200 (the run's GPUs: NVIDIA H200)" in capsys.readouterr().out
+    live = read_json(run / "run.json")
+    simulated = read_json(tmp_path / "sim" / "metrics.json")["step_time_us"]
+    assert simulated == pytest.approx(live["step_time_us_median"], rel=0.02)
+    ops = read_ops(tmp_path / "sim" / "ops.parquet")
+    busy = sum(d for lane, d in zip(ops.column("lane").to_pylist(), ops.column("dur_us").to_pylist()) if lane.startswith("cuda:"))
+    assert busy / live["steps"] < 0.25 * simulated  # host-bound, as the live trace
+
+
+def test_simulate_names_the_gpu_it_has_no_preset_for(tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(H200_RUNS / "tiny" / "prefill-shortcut", run)
+    info = read_json(run / "run.json")
+    info["devices"] = {"0": "Tesla T4"}
+    (run / "run.json").write_text(__import__("json").dumps(info))
+    assert main(["parse", str(run)]) == 0
+    assert main(["simulate", "--trace", str(run), "-o", str(tmp_path / "sim")]) == 2
+    err = capsys.readouterr().err
+    assert "--cluster NAME is required (the trace's run.json ran on Tesla T4, which names no cluster preset)" in err
+    assert not (tmp_path / "sim").exists()
