@@ -10,6 +10,8 @@ Presets:
     tiny           unit tests: a forward over a few tokens in milliseconds
     small          live CPU profiling: 2 layers, 64 FFN + 32 zero experts, top-12; one
                    prefill of its default batch (4 x 128 tokens) is ~70 ms on one core
+    medium         live profiling on one GPU: small's routing at hidden 2048 (~1.2 B
+                   parameters); GPU-bound from a few thousand tokens per step
     longcat-flash  the official LongCat-Flash configuration (560B total)
 """
 
@@ -268,6 +270,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         qk_rope_head_dim=16, v_head_dim=32, ffn_hidden_size=512, n_routed_experts=64,
         expert_ffn_hidden_size=128, moe_topk=12, zero_expert_num=32, routed_scaling_factor=6.0,
         default_batch_size=4, default_seq_len=128,
+    ),
+    # One-GPU profiling: small's routing (64 FFN + 32 zero experts, top-12) at widths where
+    # kernels, not launches, set the step once a step holds a few thousand tokens (~1.2 B
+    # parameters, 4.7 GB in float32).
+    "medium": dict(
+        vocab_size=32768, hidden_size=2048, num_layers=2, max_position_embeddings=8192,
+        num_attention_heads=16, q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64,
+        qk_rope_head_dim=32, v_head_dim=64, ffn_hidden_size=8192, n_routed_experts=64,
+        expert_ffn_hidden_size=1024, moe_topk=12, zero_expert_num=32, routed_scaling_factor=6.0,
+        default_batch_size=4, default_seq_len=512,
     ),
     # The official configuration (meituan-longcat/LongCat-Flash-Chat config.json).
     "longcat-flash": dict(

@@ -435,6 +435,18 @@ def _alternating_schedules_rank(rank: int, world_size: int, device: Any, spec: C
         Path(out).write_text(json.dumps(per_step))
 
 
+def _cuda_sync_config() -> Any:
+    """Kineto's cuda_sync events (which stream or event a cudaStreamSynchronize,
+    cudaStreamWaitEvent ... waited on; traces/lanes.py turns them into dependencies), where
+    this torch offers them; None (the default) where it does not."""
+    try:
+        from torch._C._profiler import _ExperimentalConfig
+
+        return _ExperimentalConfig(enable_cuda_sync_events=True)
+    except (ImportError, TypeError):
+        return None
+
+
 def _discarding_profiler(spec: CaptureSpec, device: Any, steps: int) -> Any:
     """With spec.profiler: a started torch.profiler set up as a capture's (same activities,
     record_shapes, one warmup step, then `steps` recorded) whose events are dropped, so
@@ -555,6 +567,7 @@ def _profiled_steps(workload: "Workload", spec: CaptureSpec, warmup: int, out_di
         prof = profile(
             activities=activities,
             record_shapes=True,
+            experimental_config=_cuda_sync_config() if device.type == "cuda" else None,
             # The last warmup step also warms the profiler up; the rest run with it off.
             schedule=schedule(wait=max(warmup - 1, 0), warmup=min(warmup, 1), active=spec.steps, repeat=1),
             on_trace_ready=export,

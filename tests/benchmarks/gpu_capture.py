@@ -16,6 +16,9 @@ configs are dropped until it fits):
                profiler on/off (train profiled at the first size only: its traces are ~3x
                prefill's), `--rounds` serpentine rounds in one process per stage
                (capture_interleaved); only round 0 keeps its traces
+    medium-prefill, medium-train
+               the same for `medium` (GPU-bound at the larger sizes), its second size the
+               base (train profiled there)
 Run it with `| tee OUT/log.txt`. Nothing here asserts: the tests read the committed
 results (tests/data/h200/), and the README's H200 figures come from them.
 """
@@ -100,17 +103,20 @@ def stage_tiny(work: Path, timeout_s: float) -> None:
     interleaved(specs, 1, work, timeout_s)
 
 
-def stage_small(work: Path, timeout_s: float, rounds: int, modes: tuple[str, ...], sizes: list[tuple[int, int]]) -> None:
+def stage_matrix(work: Path, timeout_s: float, rounds: int, preset: str, modes: tuple[str, ...],
+                 sizes: list[tuple[int, int]], base: tuple[int, int]) -> None:
+    """`preset` at every size x schedule x profiler on/off (train profiled at `base` only:
+    its traces are ~3x prefill's; decode at 4 x 1 after 128), `rounds` serpentine rounds."""
     from traces.capture import CaptureSpec
 
     specs = {}
     for mode in modes:
-        for i, (batch, seq) in enumerate(sizes if mode != "decode" else [(4, 1)]):
+        for batch, seq in (sizes if mode != "decode" else [(4, 1)]):
             for schedule in SCHEDULES:
-                for profiled in ((True, False) if mode != "train" or i == 0 else (False,)):
+                for profiled in ((True, False) if mode != "train" or (batch, seq) == base else (False,)):
                     name = f"{mode}-b{batch}-t{seq}-{schedule}-{'prof' if profiled else 'noprof'}"
                     specs[name] = CaptureSpec(
-                        out_dir="", preset="small", world_size=1, schedule=schedule, mode=mode, batch=batch, seq=seq,
+                        out_dir="", preset=preset, world_size=1, schedule=schedule, mode=mode, batch=batch, seq=seq,
                         context=128 if mode == "decode" else 0, steps=3 if profiled else 20, warmup=2,
                         profiler=profiled)
     interleaved(specs, rounds, work, timeout_s)
@@ -162,6 +168,8 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma-separated stages to skip")
     parser.add_argument("--small-sizes", default="4x128,8x256,16x512",
                         help="small's prefill/train (global batch)x(seq) sizes (default 4x128,8x256,16x512: 512-8192 tokens)")
+    parser.add_argument("--medium-sizes", default="2x256,4x512,16x512",
+                        help="medium's sizes, the second the base (default 2x256,4x512,16x512: 512-8192 tokens)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -173,15 +181,22 @@ def main() -> int:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    base = "prefill-b{}-t{}".format(*sizes[0])
+    keep = "prefill-b{}-t{}".format(*sizes[0])
+    medium_sizes = [tuple(int(x) for x in size.split("x")) for size in args.medium_sizes.split(",")]
     # (name, seconds it needs left, run(stage dir, seconds left), configs whose traces stay when trimming)
     stages = [
         ("env", 0, lambda d, left: stage_env(out), None),
         ("tiny", 30, lambda d, left: stage_tiny(d, left), ""),
         ("calibrate", 40, lambda d, left: stage_calibrate(d, left, backend), ""),
         ("cli", 30, lambda d, left: stage_cli(d, left), ""),
-        ("small-prefill", 60, lambda d, left: stage_small(d, left, args.rounds, ("prefill", "decode"), sizes), base),
-        ("small-train", 60, lambda d, left: stage_small(d, left, args.rounds, ("train",), sizes), "train"),
+        ("small-prefill", 60, lambda d, left: stage_matrix(d, left, args.rounds, "small", ("prefill", "decode"),
+                                                           sizes, sizes[0]), keep),
+        ("small-train", 60, lambda d, left: stage_matrix(d, left, args.rounds, "small", ("train",), sizes, sizes[0]),
+         "train"),
+        ("medium-prefill", 60, lambda d, left: stage_matrix(d, left, args.rounds, "medium", ("prefill",),
+                                                            medium_sizes, medium_sizes[1]), ""),
+        ("medium-train", 60, lambda d, left: stage_matrix(d, left, args.rounds, "medium", ("train",),
+                                                          medium_sizes, medium_sizes[1]), "train"),
     ]
     failed = []
     for name, need, fn, keep in stages:
