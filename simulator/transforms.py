@@ -19,7 +19,13 @@ recompute waiting for the new configuration:
     the gap / the waiting op waits for the collective and keeps only the time after it
     ended; an async collective that ends under running compute is joined at the next wait
     op;
-  - the idle time before each op on a lane (Python, dispatcher: `gap_us`) is kept as is;
+  - the idle time before each op on a lane (Python, dispatcher: `gap_us`) is kept as is,
+    except on GPU lanes (`cuda:*`), whose idle time is waiting for the next launch;
+  - on CUDA the backward pass runs on autograd's own thread: its first op waits for the
+    main-lane op that started it and the main lane's next op for its last one;
+  - a host sync (cudaStreamSynchronize ...) keeps only its time after the GPU ops it waits
+    for ended; a copy call that returned only after its copy ended (device to pageable host
+    memory) keeps its time after the copy, and the host's next op waits for the copy;
   - durations and gaps are averaged over the measured steps position by position (the steps
     of a run execute the same op sequence). The mean, not the median: on a shared CPU,
     preemption hits a random few ops of each step, and a per-op median would drop it from
@@ -137,12 +143,27 @@ def _prepare_rank_step(rows: dict[str, np.ndarray | list], idx: np.ndarray) -> t
     by_lane: dict[str, list[int]] = defaultdict(list)
     for k, ln in enumerate(lane):
         by_lane[ln].append(k)
-    for ks in by_lane.values():
+    for ln, ks in by_lane.items():
         if kind[ks[0]] == "comm" and all(kind[k] == "comm" for k in ks):
             continue  # comm lanes: their ops wait on issuers, not on host time
+        if ln.startswith("cuda:"):
+            continue  # a GPU idles only until its next launch arrives: the launch dep says when
         for a, b in zip(ks, ks[1:]):
             gap[b] = max(start[b] - end[a], 0.0)
+    _join_backward_thread(by_lane, [rows["label"][i] for i in idx], start, end, gap, deps)
     next_on_lane = {a: b for ks in by_lane.values() for a, b in zip(ks, ks[1:])}
+    for k in range(len(idx)):  # a host sync waits for GPU ops: only the time after them is its own
+        gpu_deps = [d for d in deps[k] if lane[d].startswith("cuda:")]
+        if kind[k] == "sync" and gpu_deps:
+            own[k] = max(end[k] - max(start[k], max(end[d] for d in gpu_deps)), 0.0)
+        if lane[k].startswith("cuda:") and kind[k] == "memory":
+            # a copy whose launch call returned only after it (to pageable host memory): the
+            # call waited for the stream; the op after the call waits for the copy instead
+            for d in deps[k]:
+                if not lane[d].startswith("cuda:") and end[d] >= end[k]:
+                    own[d] = end[d] - end[k]  # it waited for the stream before the copy began
+                    if d in next_on_lane:
+                        deps[next_on_lane[d]].append(k)
     joined: set[int] = set()
     for c in (k for k in range(len(idx)) if kind[k] == "comm"):
         issuers = [d for d in deps[c] if kind[d] != "comm"]
@@ -177,6 +198,30 @@ def _prepare_rank_step(rows: dict[str, np.ndarray | list], idx: np.ndarray) -> t
                 deps[w].append(c)
                 joined.add(w)
     return idx.tolist(), own, gap, deps
+
+
+def _join_backward_thread(by_lane: dict[str, list[int]], label: list[str], start: np.ndarray, end: np.ndarray,
+                          gap: np.ndarray, deps: list[list[int]]) -> None:
+    """CUDA autograd runs the backward pass on a thread of its own (labels ending ":bwd",
+    traces/lanes.py) while the Python thread waits in backward(): the worker's first op
+    waits for the main-lane op that started the backward, and the first main-lane op after
+    the worker's last op waits for it; neither idle time is host time of its own."""
+    main = by_lane.get("cpu:main")
+    if not main:
+        return
+    main_start = start[main]
+    for ln, ks in by_lane.items():
+        if not ln.startswith("cpu:") or ln == "cpu:main" or not any(label[k].endswith(":bwd") for k in ks):
+            continue
+        first, last = ks[0], ks[-1]
+        j = int(np.searchsorted(main_start, start[first], side="right")) - 1
+        if j >= 0:
+            deps[first].append(main[j])
+            gap[first] = max(start[first] - max(end[main[j]], start[main[j]]), 0.0)
+        j = int(np.searchsorted(main_start, end[last], side="left"))
+        if j < len(main) and (j == 0 or end[main[j - 1]] <= end[last]):
+            deps[main[j]].append(last)
+            gap[main[j]] = max(start[main[j]] - end[last], 0.0)
 
 
 def step_graph(ops: pa.Table, steps: list[int] | None = None, stat: str = "mean", per_step: bool = False,
@@ -297,6 +342,8 @@ def scale_work(g: StepGraph, model: CostModel, token_scale: float, attention_sca
     if token_scale <= 0:
         raise SimulationError(f"scale_work: token_scale must be positive, got {token_scale}")
     attention_scale = token_scale if attention_scale is None else attention_scale
+    if any(lane.startswith("cuda:") for lane in g.lane):
+        return _scale_gpu_work(g, model, token_scale, attention_scale)
     g = g.copy()
     for i in range(g.n):
         if _fixed(g.label[i]):
@@ -314,6 +361,60 @@ def scale_work(g: StepGraph, model: CostModel, token_scale: float, attention_sca
         g.flops[i] *= f_scale
         g.bytes[i] *= token_scale
     g.notes.setdefault("transforms", []).append({"scale_work": {"token_scale": token_scale, "attention_scale": attention_scale}})
+    return g
+
+
+def _scale_gpu_work(g: StepGraph, model: CostModel, token_scale: float, attention_scale: float) -> StepGraph:
+    """scale_work on a GPU trace. The host side (CPU lanes: dispatch and launches) keeps its
+    time, which does not grow with tokens. A kernel's duration follows the cost model's
+    ratio for the op that launched it: the first piece of the top-level CPU op holding the
+    launch call, where the trace's shapes put the FLOPs and bytes (calibrate.attach_work; a
+    GPU calibration's fits are kernel times). A kernel whose op has no known work, and a copy
+    of a token payload, keep their kind's overhead and scale the rest with the tokens
+    (attention kernels by attention_scale); copies under METADATA_BYTES stay as they are.
+    """
+    g = g.copy()
+    order: dict[int, tuple[list[int], int]] = {}  # op → (its lane's ops in order, its position)
+    for (_, lane), ops in g.lanes().items():
+        if lane.startswith("cpu:"):
+            for k, i in enumerate(ops):
+                order[i] = (ops, k)
+
+    def owner(launch: int) -> int:
+        """The first piece of the top-level op that made the launch call (or -1)."""
+        ops, k = order[launch]
+        k -= 1
+        while k >= 0 and g.name[ops[k]].startswith("cu"):  # runtime / driver calls in between
+            k -= 1
+        if k < 0:
+            return -1
+        name = g.name[ops[k]]
+        while k > 0 and (g.name[ops[k - 1]] == name or g.name[ops[k - 1]].startswith("cu")):
+            k -= 1
+        while g.name[ops[k]] != name:
+            k += 1
+        return ops[k]
+
+    for i in range(g.n):
+        if not g.lane[i].startswith("cuda:") or _fixed(g.label[i]) or g.kind[i] == "comm":
+            continue
+        launches = [d for d in g.deps[i] if d in order]
+        op = owner(launches[0]) if launches else -1
+        attn = classify(g.name[op] if op >= 0 else g.name[i]) == "attention"
+        f_scale = attention_scale if attn else token_scale
+        if op >= 0 and g.flops[op] + g.bytes[op] > 0:
+            old = model.predict_op_us(g.name[op], g.flops[op], g.bytes[op])
+            new = model.predict_op_us(g.name[op], g.flops[op] * f_scale, g.bytes[op] * token_scale)
+            if old > 0:
+                g.dur_us[i] *= new / old
+                continue
+        if g.kind[i] == "memory" and g.bytes[i] < METADATA_BYTES:
+            continue
+        fixed = min(g.dur_us[i], model.overhead_us(g.name[op] if op >= 0 else g.name[i]))
+        g.dur_us[i] = fixed + (g.dur_us[i] - fixed) * f_scale
+        g.bytes[i] *= token_scale if g.kind[i] == "memory" else 1.0
+    g.notes.setdefault("transforms", []).append(
+        {"scale_work": {"token_scale": token_scale, "attention_scale": attention_scale, "gpu": True}})
     return g
 
 

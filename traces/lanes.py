@@ -40,6 +40,7 @@ Dependencies (`deps`, besides the lane predecessor):
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -418,12 +419,29 @@ def _sync_deps(tf, out, corr_start, event_piece, launch_time, lane_ops) -> None:
         elif kind == "Context Sync":
             for stream in by_stream:
                 out.deps[piece].extend(last_op(stream, t_call))
-    # traces without cuda_sync events: cudaDeviceSynchronize waits for every stream
+    # traces without cuda_sync events (torch.profiler's default): cudaDeviceSynchronize waits
+    # for every stream; cudaStreamSynchronize for the stream of the last GPU op its thread
+    # launched before it (PyTorch syncs the current stream after its copy to the host)
+    launched: dict[int, list[tuple[float, int]]] = defaultdict(list)  # thread → (launch time, stream)
+    for lane, ops_ in lane_ops.items():
+        for op in ops_:
+            launcher = next((d for d in out.deps[op] if out.lane[d].startswith("cpu:")), None)
+            if launcher is not None:
+                launched[out.lane[launcher]].append((out.start[launcher], lane[1]))
+    for items in launched.values():
+        items.sort()
     for i in runtime_idx:
-        if tf.name[i] == "cudaDeviceSynchronize" and i in event_piece:
-            if int(tf.corr[i]) not in seen_sync:
-                for stream in by_stream:
-                    out.deps[event_piece[i]].extend(last_op(stream, float(tf.ts_us[i])))
+        if i not in event_piece or int(tf.corr[i]) in seen_sync:
+            continue
+        piece, t = event_piece[i], float(tf.ts_us[i])
+        if tf.name[i] == "cudaDeviceSynchronize":
+            for stream in by_stream:
+                out.deps[piece].extend(last_op(stream, t))
+        elif tf.name[i] == "cudaStreamSynchronize":
+            before = launched.get(out.lane[piece], [])
+            k = bisect.bisect_left(before, (t, -1)) - 1
+            if k >= 0:
+                out.deps[piece].extend(last_op(before[k][1], t))
 
 
 def _gloo_deps(tf: TraceFile, out, event_piece: dict[int, int], has_gpu: bool) -> None:

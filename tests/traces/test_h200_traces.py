@@ -46,7 +46,7 @@ def _ops(run: Path) -> list[dict]:
 
 
 def test_the_committed_h200_runs_are_there():
-    assert len(RUNS) == 6, RUNS
+    assert len(RUNS) == 9, RUNS
     for run in RUNS:
         info = json.loads((run / "run.json").read_text())
         assert info["backend"] == "nccl" and info["devices"] == {"0": "NVIDIA H200"}
@@ -235,3 +235,27 @@ def test_hta_reads_the_same_kernels_in_whole_microseconds(tmp_path):
         assert sum(our_durs) - 2 * len(mine) < hta_durs.sum() < 0.75 * sum(our_durs)
         compared += 1
     assert compared == 2
+
+
+def test_stream_syncs_without_cuda_sync_events_wait_as_the_events_say(tmp_path):
+    """torch.profiler records which stream a cudaStreamSynchronize waited on only with
+    enable_cuda_sync_events (moesim's captures on CUDA turn it on; most traces lack it).
+    Without it, a stream sync waits for the stream of the last GPU op its thread launched:
+    on a trace that has the events, that fallback gives exactly the dependencies the events
+    give."""
+    run = H200 / "sync-events" / "tiny-prefill-shortcut"
+    raw = json.loads(gzip.decompress((run / "rank0.pt.trace.json.gz").read_bytes()))
+    assert Counter(e["name"] for e in raw["traceEvents"] if e.get("cat") == "cuda_sync")["Stream Sync"] > 0
+    raw["traceEvents"] = [e for e in raw["traceEvents"] if e.get("cat") != "cuda_sync"]
+    stripped = tmp_path / "rank0.pt.trace.json.gz"
+    stripped.write_bytes(gzip.compress(json.dumps(raw).encode()))
+
+    def sync_deps(path: Path) -> list:
+        ops = parse_traces([path]).to_pylist()
+        by_id = {o["id"]: o for o in ops}
+        return [(o["name"], o["start_us"], sorted((by_id[d]["lane"], by_id[d]["start_us"]) for d in o["deps"]))
+                for o in ops if o["name"] == "cudaStreamSynchronize"]
+
+    with_events, without = sync_deps(run / "rank0.pt.trace.json.gz"), sync_deps(stripped)
+    assert len(with_events) > 50 and all(deps for _, _, deps in with_events)
+    assert without == with_events

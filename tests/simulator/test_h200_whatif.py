@@ -1,0 +1,117 @@
+"""What-if from one GPU trace, checked against live runs on the H200 (tests/data/h200/medium:
+LongCat-Flash `medium`, one trace per mode at 4 x 512 tokens, live runs at 2 x 256, 4 x 512
+and 16 x 512 of both schedules, profiled and not). The trace is moved to each size by
+scale_work with the H200 calibration's kernel fits and replayed on the h200 cluster."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulator.calibrate import attach_work, load_calibration
+from simulator.cluster import get_cluster
+from simulator.costmodel import CostModel, KindFit
+from simulator.engine import simulate
+from simulator.transforms import scale_work, set_schedule, step_graph
+from tests.simulator.helpers import Ops
+from traces.kineto import parse_traces
+from traces.rundir import trace_files
+
+H200 = Path(__file__).resolve().parents[1] / "data" / "h200"
+MEDIUM = H200 / "medium"
+BASE = (4, 512)
+
+
+def _graph(mode: str):
+    run = MEDIUM / f"{mode}-b4-t512-sequential-prof" / "rep0"
+    return step_graph(attach_work(parse_traces(trace_files(run)), run))
+
+
+def _replay_us(g) -> float:
+    ops, gap = g.to_ops()
+    dur = ops.column("dur_us").to_numpy().astype(float)
+    sim = simulate(ops, get_cluster("h200", gpus=8), comm_from_trace=True, gap_us=gap, compute_time=lambda _t, _c: dur)
+    start = sim.column("start_us").to_numpy()
+    return float((start + sim.column("dur_us").to_numpy()).max() - start.min())
+
+
+def _live_us(name: str) -> float:
+    """Median of every measured step of both rounds (the runs' own timer, run.json)."""
+    steps = []
+    for rep in sorted((MEDIUM / name).glob("rep*")):
+        steps += json.loads((rep / "run.json").read_text())["step_times_us"]["0"]
+    return statistics.median(steps)
+
+
+def _predict_us(g, model, batch: int, seq: int, schedule: str) -> float:
+    token_scale = batch * seq / (BASE[0] * BASE[1])
+    return _replay_us(set_schedule(scale_work(g, model, token_scale, token_scale * seq / BASE[1]), schedule))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_calibration(H200 / "calibration.json", backend="nccl")[1]
+
+
+@pytest.fixture(scope="module")
+def prefill():
+    return _graph("prefill")
+
+
+def test_a_gpu_step_graph_replays_to_its_live_step(prefill):
+    """step_graph removes waiting: GPU idle is waiting for launches, host syncs and blocking
+    copies wait for GPU ops. Kept as host time, they would stretch the replay (+17 % before)."""
+    assert _replay_us(prefill) == pytest.approx(_live_us("prefill-b4-t512-sequential-prof"), rel=0.04)
+    syncs = [i for i in range(prefill.n) if prefill.name[i] == "cudaStreamSynchronize"]
+    assert syncs and all(any(prefill.lane[d].startswith("cuda:") for d in prefill.deps[i]) for i in syncs)
+    assert all(prefill.gap_us[i] == 0 for i in range(prefill.n) if prefill.lane[i].startswith("cuda:"))
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "shortcut"])
+def test_one_prefill_trace_predicts_the_gpu_bound_size(prefill, model, schedule):
+    """16 x 512 tokens (4x the trace's): the GPU sets the step; predicted against the
+    profiled live runs at that size (the same instrumentation as the trace)."""
+    predicted = _predict_us(prefill, model, 16, 512, schedule)
+    assert predicted == pytest.approx(_live_us(f"prefill-b16-t512-{schedule}-prof"), rel=0.08)
+    assert predicted > 2.5 * _replay_us(prefill)  # grew with the kernels, not the launches
+
+
+def test_one_prefill_trace_predicts_the_host_bound_size(prefill, model):
+    """2 x 256 tokens (1/4 of the trace's): the host's launches set the step; the GPU work
+    shrinks 4x and the step by about a third. Live steps at this size scatter by ±15 % run to
+    run on the VM, hence the bound."""
+    predicted = _predict_us(prefill, model, 2, 256, "sequential")
+    assert predicted == pytest.approx(_live_us("prefill-b2-t256-sequential-prof"), rel=0.15)
+    assert predicted < 0.8 * _replay_us(prefill)
+
+
+def test_one_train_trace_predicts_the_gpu_bound_size(model):
+    """Training: the backward pass runs on autograd's thread; the main thread's wait in
+    backward() is a dependency on that thread, not host time (else the prediction could
+    not grow or shrink with it)."""
+    train = _graph("train")
+    predicted = _predict_us(train, model, 16, 512, "sequential")
+    assert predicted == pytest.approx(_live_us("train-b16-t512-sequential-noprof"), rel=0.08)
+    assert predicted > 2.5 * _replay_us(train)
+
+
+def test_gpu_scale_work_scales_kernels_by_their_launching_op_and_keeps_the_host():
+    """Closed form: an aten::mm piece with known work launches a kernel; doubling the
+    tokens scales the kernel by the model's ratio for that op and leaves host ops alone."""
+    ops = Ops()
+    ops.add(0, "cpu:main", "host", "aten::mm", 10.0, start=0.0, flops=2e9, nbytes=1e6, step=0)
+    launch = ops.add(0, "cpu:main", "host", "cudaLaunchKernel", 5.0, start=10.0, step=0)
+    ops.add(0, "cpu:main", "host", "aten::mm", 2.0, start=15.0, step=0)
+    ops.add(0, "cuda:0/stream:7", "compute", "sgemm_kernel", 100.0, start=16.0, deps=[launch], step=0)
+    g = step_graph(ops.table())
+    model = CostModel(get_cluster("h200", gpus=8).gpu, {"gemm": KindFit("gemm", 4.0, 1e-3, 0.0, "sum", 3, 0.0)})
+    doubled = scale_work(g, model, 2.0)
+    kernel = g.name.index("sgemm_kernel")
+    ratio = (4.0 + 1e-3 * 4e3) / (4.0 + 1e-3 * 2e3)  # overhead + µs/MFLOP x MFLOP
+    assert doubled.dur_us[kernel] == pytest.approx(100.0 * ratio)
+    host = [i for i in range(g.n) if g.lane[i] == "cpu:main"]
+    assert len(host) == 3 and np.array_equal(doubled.dur_us[host], g.dur_us[host])
