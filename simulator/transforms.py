@@ -215,9 +215,9 @@ def _join_backward_thread(by_lane: dict[str, list[int]], label: list[str], start
             continue
         first, last = ks[0], ks[-1]
         j = int(np.searchsorted(main_start, start[first], side="right")) - 1
-        if j >= 0:
+        if j >= 0 and end[main[j]] <= start[first]:  # (a main op still running is no start signal)
             deps[first].append(main[j])
-            gap[first] = max(start[first] - max(end[main[j]], start[main[j]]), 0.0)
+            gap[first] = start[first] - end[main[j]]
         j = int(np.searchsorted(main_start, end[last], side="left"))
         if j < len(main) and (j == 0 or end[main[j - 1]] <= end[last]):
             deps[main[j]].append(last)

@@ -422,7 +422,7 @@ def _sync_deps(tf, out, corr_start, event_piece, launch_time, lane_ops) -> None:
     # traces without cuda_sync events (torch.profiler's default): cudaDeviceSynchronize waits
     # for every stream; cudaStreamSynchronize for the stream of the last GPU op its thread
     # launched before it (PyTorch syncs the current stream after its copy to the host)
-    launched: dict[int, list[tuple[float, int]]] = defaultdict(list)  # thread → (launch time, stream)
+    launched: dict[str, list[tuple[float, int]]] = defaultdict(list)  # CPU lane → (launch time, stream)
     for lane, ops_ in lane_ops.items():
         for op in ops_:
             launcher = next((d for d in out.deps[op] if out.lane[d].startswith("cpu:")), None)
