@@ -1,6 +1,7 @@
 """`moesim simulate`: replay a traced run on a cluster model and write a simulated run dir.
 
     moesim simulate --trace RUN --cluster NAME [--gpus N] -o SIMRUN [--comm-from-trace] [--seed S]
+    moesim simulate --trace RUN --to-batch B [--to-seq T] [--to-schedule S] --calibration CAL -o SIMRUN
     moesim simulate --preset MODEL --cluster NAME --gpus N --mode decode --context C --batch-per-gpu B
                     --schedule sbo [--mtp-accept 0.9] [--price-per-gpu-hour 2] -o SIMRUN   (simulator/whatif.py)
 
@@ -33,6 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unsized-from-network", action="store_true",
                         help="collectives without byte counts in the trace: network latency only "
                              "(default: their traced time, counted in run.json)")
+    w = parser.add_argument_group("what-if on a traced run (--trace; simulator/transforms.py)")
+    w.add_argument("--to-batch", type=int, default=None, metavar="B",
+                   help="predict the run at B global sequences per step (default: the run's)")
+    w.add_argument("--to-seq", type=int, default=None, metavar="T",
+                   help="predict it at T tokens per sequence (default: the run's)")
+    w.add_argument("--to-schedule", choices=["sequential", "shortcut"], default=None,
+                   help="predict it under this schedule (default: the run's)")
+    w.add_argument("--calibration", metavar="CAL", default=None,
+                   help="the cost model that moves op durations to --to-batch/--to-seq (calibration.json or "
+                        "its dir, from `moesim calibrate` on the run's hardware)")
     # analytic what-if (issue 8): the options map onto simulator/workload.py ParallelPlan fields
     g = parser.add_argument_group("analytic what-if (--preset)")
     g.add_argument("--preset", default=None, help="model: a LongCat preset (longcat-flash, small, tiny) or a baseline "
@@ -80,6 +91,51 @@ def _cluster_for(name: str, ranks: int, gpus: int | None, cores: int | None):
         else:
             gpus = max(per, -(-ranks // per) * per)
     return get_cluster(name, gpus=gpus, **options)
+
+
+def _what_if(args: argparse.Namespace, ops, run_dir: Path, live: dict, cluster, notes: dict):
+    """The traced run moved to --to-batch / --to-seq / --to-schedule: one typical step
+    (waiting removed), op durations scaled by the calibration's cost model (on a GPU trace:
+    kernels by their launching op's work, host ops kept), then replayed. Collectives take
+    the calibration's comm model on cpu-loopback, their traced time on a GPU cluster."""
+    import numpy as np
+
+    from moesim.cli import UsageError
+    from simulator.calibrate import attach_work, load_calibration
+    from simulator.engine import simulate
+    from simulator.transforms import scale_work, set_schedule, step_graph
+
+    batch, seq = live.get("batch"), live.get("seq")
+    if not (isinstance(batch, int) and isinstance(seq, int) and batch > 0 and seq > 0):
+        raise UsageError(f"--to-batch/--to-seq/--to-schedule: {run_dir / 'run.json'} gives no batch and seq "
+                         "(a run dir written by `moesim profile`)")
+    to_batch, to_seq = args.to_batch or batch, args.to_seq or seq
+    if to_batch <= 0 or to_seq <= 0:
+        raise UsageError(f"--to-batch {to_batch} / --to-seq {to_seq}: expected positive integers")
+    token_scale = to_batch * to_seq / (batch * seq)
+    backend = live.get("backend")
+    comm = None
+    g = step_graph(attach_work(ops, run_dir) if token_scale != 1 else ops)
+    if token_scale != 1 or cluster.kind == "cpu":
+        if args.calibration is None:
+            raise UsageError(f"--calibration CAL is required to move the run's op durations; create it with "
+                             f"`moesim calibrate --backend {backend or 'gloo'} --world-size {live.get('world_size', 1)} -o CAL`")
+        _, model, comm = load_calibration(args.calibration, backend=backend)
+        if token_scale != 1:
+            g = scale_work(g, model, token_scale, token_scale * to_seq / seq)
+    schedule = args.to_schedule or live.get("schedule")
+    if schedule in ("sequential", "shortcut"):
+        g = set_schedule(g, schedule)
+    notes["what_if"] = {"from": {"batch": batch, "seq": seq, "schedule": live.get("schedule")},
+                        "to": {"batch": to_batch, "seq": to_seq, "schedule": schedule},
+                        "token_scale": token_scale, "calibration": args.calibration}
+    if cluster.kind == "cpu":
+        from simulator.validate import simulate_graph
+
+        return simulate_graph(g, comm, cluster.cores)[2]
+    replayed, gap = g.to_ops()
+    durations = replayed.column("dur_us").to_numpy().astype(np.float64)
+    return simulate(replayed, cluster, comm_from_trace=True, gap_us=gap, compute_time=lambda _t, _c: durations)
 
 
 def _report(out: Path, metrics: dict, wall_s: float) -> None:
@@ -130,9 +186,12 @@ def _run_trace(args: argparse.Namespace) -> int:
     cluster = _cluster_for(name, world, args.gpus, cores)
     t0 = time.perf_counter()
     notes: dict = {}
-    sim = replay(ops, cluster, comm_from_trace=args.comm_from_trace, seed=args.seed,
-                 keep_gaps=not args.no_gaps, flow_model=args.flow_model,
-                 unsized_from_trace=not args.unsized_from_network, notes=notes)
+    if (args.to_batch, args.to_seq, args.to_schedule) != (None, None, None):
+        sim = _what_if(args, ops, parquet.parent, live, cluster, notes)
+    else:
+        sim = replay(ops, cluster, comm_from_trace=args.comm_from_trace, seed=args.seed,
+                     keep_gaps=not args.no_gaps, flow_model=args.flow_model,
+                     unsized_from_trace=not args.unsized_from_network, notes=notes)
     wall = time.perf_counter() - t0
     info = {k: live[k] for k in ("preset", "config", "schedule", "mode", "plan") if k in live}
     info.update(notes)

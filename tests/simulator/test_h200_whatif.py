@@ -115,3 +115,65 @@ def test_gpu_scale_work_scales_kernels_by_their_launching_op_and_keeps_the_host(
     assert doubled.dur_us[kernel] == pytest.approx(100.0 * ratio)
     host = [i for i in range(g.n) if g.lane[i] == "cpu:main"]
     assert len(host) == 3 and np.array_equal(doubled.dur_us[host], g.dur_us[host])
+
+
+def _parsed_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    from moesim.cli import main
+
+    shutil.copytree(src, dst)
+    assert main(["parse", str(dst)]) == 0
+    return dst
+
+
+def test_simulate_cli_moves_a_traced_run_to_another_batch(tmp_path, capsys):
+    from moesim.cli import main
+    from traces.rundir import read_json
+
+    run = _parsed_copy(MEDIUM / "prefill-b4-t512-sequential-prof" / "rep0", tmp_path / "run")
+    assert main(["simulate", "--trace", str(run), "--to-batch", "16", "--calibration", str(H200 / "calibration.json"),
+                 "-o", str(tmp_path / "sim")]) == 0
+    step = read_json(tmp_path / "sim" / "metrics.json")["step_time_us"]
+    assert step == pytest.approx(_live_us("prefill-b16-t512-sequential-prof"), rel=0.08)
+    what_if = read_json(tmp_path / "sim" / "run.json")["what_if"]
+    assert what_if["from"]["batch"] == 4 and what_if["to"] == {"batch": 16, "seq": 512, "schedule": "sequential"}
+    # without a calibration the durations cannot move: one line, exit 2, nothing written
+    capsys.readouterr()
+    assert main(["simulate", "--trace", str(run), "--to-batch", "16", "-o", str(tmp_path / "sim2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--calibration CAL is required" in err[0] and "moesim calibrate --backend nccl" in err[0]
+    assert not (tmp_path / "sim2").exists()
+
+
+def test_simulate_cli_what_if_on_a_gloo_run_uses_the_comm_model(tmp_path, capsys):
+    """On cpu-loopback the collectives of the moved step come from the calibration's comm
+    model: a slower modelled all-to-all makes a longer step. A calibration from another
+    backend is refused."""
+    from moesim.cli import main
+    from simulator.calibrate import fit_calibration, write_calibration
+    from traces.rundir import read_json
+
+    samples = Path(__file__).resolve().parents[2] / "traces" / "samples"
+    run = _parsed_copy(samples / "tiny-prefill-sequential", tmp_path / "run")
+    compute = [{"name": "aten::mm", "kind": "gemm", "shapes": [], "flops": f, "bytes": f / 10, "dur_us": 5 + f / 1e8}
+               for f in (1e6, 1e7, 1e8, 1e9)]
+    steps = {}
+    for latency in (50.0, 5000.0):
+        comm = [{"coll": "all_to_all", "world_size": 2, "coll_bytes": b, "dur_us": latency + b / 1e3, "dur_us_all": []}
+                for b in (1e3, 1e4, 1e5, 1e6)]
+        cal = tmp_path / f"cal{int(latency)}.json"
+        write_calibration(fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x"), cal)
+        out = tmp_path / f"sim{int(latency)}"
+        assert main(["simulate", "--trace", str(run), "--to-schedule", "shortcut", "--calibration", str(cal),
+                     "-o", str(out)]) == 0
+        assert read_json(out / "run.json")["what_if"]["to"]["schedule"] == "shortcut"
+        steps[latency] = read_json(out / "metrics.json")["step_time_us"]
+    # 3 all-to-alls per layer and step: the larger latency shows up, less what the shortcut hides
+    assert steps[5000.0] > steps[50.0] + 5000.0
+    nccl = tmp_path / "nccl.json"
+    write_calibration(fit_calibration("nccl", 2, {"type": "cuda", "name": "NVIDIA H200"}, compute, comm, "x"), nccl)
+    capsys.readouterr()
+    assert main(["simulate", "--trace", str(run), "--to-schedule", "shortcut", "--calibration", str(nccl),
+                 "-o", str(tmp_path / "bad")]) == 2
+    assert "calibrated for backend nccl" in capsys.readouterr().err
