@@ -10,7 +10,7 @@ HELP = "size table of a model preset or config: parameters, activated parameters
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="longcat-flash",
-                        help="tiny, small or longcat-flash (default longcat-flash)")
+                        help="tiny, small, medium or longcat-flash (default longcat-flash)")
     parser.add_argument("--config", metavar="PATH",
                         help="a config JSON instead of a preset: ours (LongcatConfig.to_json) or an official config.json")
     parser.add_argument("--context", type=int, default=4096,

@@ -16,7 +16,7 @@ HELP = "run the model expert-parallel on N ranks under torch.profiler and write 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="small", help="model preset: tiny, small, longcat-flash (default small)")
+    parser.add_argument("--preset", default="small", help="model preset: tiny, small (CPU), medium (one GPU), longcat-flash (default small)")
     parser.add_argument("--world-size", type=int, default=2, help="ranks (spawned here, or torchrun's)")
     parser.add_argument("--schedule", default="shortcut", help="sequential or shortcut (default)")
     parser.add_argument("--mode", default="prefill", help="prefill (default), decode or train")

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "its dir, from `moesim calibrate` on the run's hardware)")
     # analytic what-if (issue 8): the options map onto simulator/workload.py ParallelPlan fields
     g = parser.add_argument_group("analytic what-if (--preset)")
-    g.add_argument("--preset", default=None, help="model: a LongCat preset (longcat-flash, small, tiny) or a baseline "
+    g.add_argument("--preset", default=None, help="model: a LongCat preset (longcat-flash, medium, small, tiny) or a baseline "
                    "(deepseek-v3, qwen3-235b-a22b, kimi-k2, scmoe-gpt)")
     g.add_argument("--mode", choices=["prefill", "decode", "train"], default="decode",
                    help="step simulated: prefill, decode (one token per sequence) or a training step (default: %(default)s)")
