@@ -9,7 +9,7 @@ OUT/<stage>.tar.gz when it ends (under 15 MiB: the largest traces outside the st
 configs are dropped until it fits):
     env        torch, CUDA device, nvidia-smi -> OUT/env.json
     tiny       prefill, decode, train x sequential, shortcut; profiled; one visit each
-    calibrate  `moesim calibrate --backend nccl --world-size 1` (kernels by CUDA events)
+    calibrate  `moesim calibrate --backend nccl --world-size 1` (kernel times under the profiler)
     cli        `moesim profile` once, as a user runs it
     small-prefill, small-train
                prefill and train at 3 (batch, seq) sizes, decode at one, x both schedules x
