@@ -319,7 +319,8 @@ def compute_points(device: str = "cpu", reps: int = 7, seed: int = 0) -> list[di
     `op_work` (shapes recorded by the profiler), and the median duration (µs): on the CPU
     the op's profiled time; on a GPU the op's kernel time under the profiler (what a
     trace's GPU lane shows), with `latency_us`, the time between CUDA events around one
-    call (launch included: 24-79 µs on an H200 VM for cases whose kernels take 0.9-4.5 µs). On a GPU a case the device cannot run is left out with a note on stderr.
+    call (launch included: 24-79 µs on an H200 VM for cases whose kernels take 0.9-4.5
+    µs). On a GPU a case the device cannot run is left out with a note on stderr.
     """
     import torch
 
