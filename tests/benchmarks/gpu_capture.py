@@ -19,6 +19,8 @@ configs are dropped until it fits):
     medium-prefill, medium-train
                the same for `medium` (GPU-bound at the larger sizes), its second size the
                base (train profiled there)
+    whatif     the commands end to end: calibrate, profile medium at 4 x 512, `moesim simulate
+               --to-batch/--to-seq` to 16 x 512 and 2 x 256, those sizes live (whatif.json)
 Run it with `| tee OUT/log.txt`. Nothing here asserts: the tests read the committed
 results (tests/data/h200/), and the README's H200 figures come from them.
 """
@@ -135,6 +137,51 @@ def stage_cli(work: Path, timeout_s: float) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=timeout_s)
 
 
+def stage_whatif(work: Path, timeout_s: float, backend: str, preset: str = "medium") -> None:
+    """The user's what-if workflow end to end on this machine, with the commands: calibrate,
+    capture `medium` prefill at 4 x 512, move it to 16 x 512 and 2 x 256 with `moesim
+    simulate --to-batch/--to-seq`, and run those sizes live (profiled, as the trace, and
+    not) for the comparison (whatif.json)."""
+    deadline = time.time() + timeout_s
+
+    def moesim(*argv: str) -> str:
+        cmd = [sys.executable, "-m", "moesim", *argv]
+        log(" ".join(cmd[2:]))
+        done = subprocess.run(cmd, cwd=ROOT, check=True, timeout=max(deadline - time.time(), 1),
+                              capture_output=True, text=True)
+        return done.stdout
+
+    runs: dict[str, float] = {}
+    predicted: dict[str, float] = {}
+
+    def save() -> None:  # after every measurement: a run stopped at its limit keeps what it has
+        (work / "whatif.json").write_text(json.dumps({"live_step_us_median": runs, "predicted_step_us": predicted},
+                                                     indent=2))
+
+    moesim("calibrate", "--backend", backend, "--world-size", "1", "-o", str(work / "cal"))
+    for (batch, seq), profiled in [((4, 512), True), ((16, 512), True), ((16, 512), False), ((2, 256), False),
+                                   ((2, 256), True), ((4, 512), False)]:
+        name = f"b{batch}-t{seq}-{'prof' if profiled else 'noprof'}"
+        moesim("profile", "--preset", preset, "--world-size", "1", "--schedule", "sequential", "--batch", str(batch),
+               "--seq", str(seq), "--steps", "3" if profiled else "20", "--warmup", "2", "--out", str(work / name),
+               *([] if profiled else ["--no-profiler"]))
+        runs[name] = json.loads((work / name / "run.json").read_text())["step_time_us_median"]
+        save()
+        if name == "b2-t256-noprof":  # the what-ifs as soon as their references are in
+            moesim("parse", str(work / "b4-t512-prof"))
+            for size in ((16, 512), (2, 256)):
+                out = work / "sim-b{}-t{}".format(*size)
+                moesim("simulate", "--trace", str(work / "b4-t512-prof"), "--to-batch", str(size[0]), "--to-seq",
+                       str(size[1]), "--calibration", str(work / "cal"), "-o", str(out))
+                predicted["b{}-t{}".format(*size)] = json.loads((out / "metrics.json").read_text())["step_time_us"]
+                for trace in out.glob("*.pt.trace.json*"):
+                    trace.unlink()  # the moved step's traces: large, and rebuilt by the same command
+            save()
+    for size, us in predicted.items():
+        log(f"what-if {size}: predicted {us / 1e3:.1f} ms, live profiled {runs.get(size + '-prof', 0) / 1e3:.1f}, "
+            f"unprofiled {runs.get(size + '-noprof', 0) / 1e3:.1f}")
+
+
 def archive(out: Path, stage_dir: Path, keep: str) -> None:
     """OUT/<stage>.tar.gz of stage_dir; while it is over TAR_LIMIT, the largest trace of a
     config whose name does not start with `keep` is deleted first (the device returns files
@@ -168,6 +215,7 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma-separated stages to skip")
     parser.add_argument("--small-sizes", default="4x128,8x256,16x512",
                         help="small's prefill/train (global batch)x(seq) sizes (default 4x128,8x256,16x512: 512-8192 tokens)")
+    parser.add_argument("--whatif-preset", default="medium", help="the whatif stage's model (default medium; tiny for a dry run)")
     parser.add_argument("--medium-sizes", default="2x256,4x512,16x512",
                         help="medium's sizes, the second the base (default 2x256,4x512,16x512: 512-8192 tokens)")
     args = parser.parse_args()
@@ -197,6 +245,7 @@ def main() -> int:
                                                             medium_sizes, medium_sizes[1]), ""),
         ("medium-train", 60, lambda d, left: stage_matrix(d, left, args.rounds, "medium", ("train",),
                                                           medium_sizes, medium_sizes[1]), "train"),
+        ("whatif", 90, lambda d, left: stage_whatif(d, left, backend, args.whatif_preset), "b4-t512-prof"),
     ]
     failed = []
     for name, need, fn, keep in stages:

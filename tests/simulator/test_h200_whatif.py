@@ -177,3 +177,21 @@ def test_simulate_cli_what_if_on_a_gloo_run_uses_the_comm_model(tmp_path, capsys
     assert main(["simulate", "--trace", str(run), "--to-schedule", "shortcut", "--calibration", str(nccl),
                  "-o", str(tmp_path / "bad")]) == 2
     assert "calibrated for backend nccl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch,seq,bound", [(16, 512, 0.08), (2, 256, 0.15)])
+def test_the_what_if_commands_on_a_second_h200_with_its_own_calibration(tmp_path, batch, seq, bound):
+    """tests/data/h200/whatif-cli: another H200 VM ran the user's commands end to end
+    (`moesim calibrate --backend nccl`, `moesim profile --preset medium` at 4 x 512 and at the
+    other sizes; gpu_capture.py's whatif stage). The moved trace against that machine's live
+    profiled runs."""
+    from moesim.cli import main
+    from traces.rundir import read_json
+
+    data = H200 / "whatif-cli"
+    run = _parsed_copy(data / "b4-t512-prof", tmp_path / "run")
+    assert main(["simulate", "--trace", str(run), "--to-batch", str(batch), "--to-seq", str(seq),
+                 "--calibration", str(data / "cal"), "-o", str(tmp_path / "sim")]) == 0
+    predicted = read_json(tmp_path / "sim" / "metrics.json")["step_time_us"]
+    live = read_json(data / f"b{batch}-t{seq}-prof" / "run.json")["step_time_us_median"]
+    assert predicted == pytest.approx(live, rel=bound)
