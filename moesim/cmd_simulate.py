@@ -109,9 +109,16 @@ def _what_if(args: argparse.Namespace, ops, run_dir: Path, live: dict, cluster, 
     if not (isinstance(batch, int) and isinstance(seq, int) and batch > 0 and seq > 0):
         raise UsageError(f"--to-batch/--to-seq/--to-schedule: {run_dir / 'run.json'} gives no batch and seq "
                          "(a run dir written by `moesim profile`)")
-    to_batch, to_seq = args.to_batch or batch, args.to_seq or seq
+    to_batch = args.to_batch if args.to_batch is not None else batch
+    to_seq = args.to_seq if args.to_seq is not None else seq
     if to_batch <= 0 or to_seq <= 0:
         raise UsageError(f"--to-batch {to_batch} / --to-seq {to_seq}: expected positive integers")
+    if live.get("mode") == "decode" and to_seq != seq:
+        raise UsageError("--to-seq: a decode step's attention grows with its cached context, which --to-seq "
+                         "does not move; use --to-batch, or profile the other length")
+    if args.comm_from_trace or args.no_gaps:
+        raise UsageError("--comm-from-trace / --no-gaps: not with --to-batch/--to-seq/--to-schedule (the moved "
+                         "step takes collectives from the comm model on cpu-loopback, from the trace on GPUs)")
     token_scale = to_batch * to_seq / (batch * seq)
     backend = live.get("backend")
     comm = None
@@ -120,7 +127,8 @@ def _what_if(args: argparse.Namespace, ops, run_dir: Path, live: dict, cluster, 
         if args.calibration is None:
             raise UsageError(f"--calibration CAL is required to move the run's op durations; create it with "
                              f"`moesim calibrate --backend {backend or 'gloo'} --world-size {live.get('world_size', 1)} -o CAL`")
-        _, model, comm = load_calibration(args.calibration, backend=backend)
+        _, model, comm = load_calibration(args.calibration, backend=backend,
+                                          world_size=live.get("world_size") if cluster.kind == "cpu" else None)
         if token_scale != 1:
             g = scale_work(g, model, token_scale, token_scale * to_seq / seq)
     schedule = args.to_schedule or live.get("schedule")
@@ -188,6 +196,10 @@ def _run_trace(args: argparse.Namespace) -> int:
     notes: dict = {}
     if (args.to_batch, args.to_seq, args.to_schedule) != (None, None, None):
         sim = _what_if(args, ops, parquet.parent, live, cluster, notes)
+    elif args.calibration is not None:
+        from moesim.cli import UsageError
+
+        raise UsageError("--calibration: only the what-if options (--to-batch, --to-seq, --to-schedule) use it")
     else:
         sim = replay(ops, cluster, comm_from_trace=args.comm_from_trace, seed=args.seed,
                      keep_gaps=not args.no_gaps, flow_model=args.flow_model,

@@ -416,11 +416,17 @@ def cpu_device_spec(points: Sequence[dict]) -> DeviceSpec:
     )
 
 
+# A CUDA device name's marker → its datasheet DeviceSpec (first match wins; A800s are A100s
+# with slower links, the same chip)
+GPU_SPEC_MARKERS = (("h200", "H200"), ("h800", "H800"), ("h100", "H100-SXM"), ("b200", "B200"),
+                    ("a800", "A100-SXM-80GB"), ("a100", "A100-SXM-80GB"))
+
+
 def gpu_device_spec(name: str) -> DeviceSpec:
-    """The datasheet DeviceSpec whose name appears in the CUDA device name ("NVIDIA H200" →
-    H200; the longest match wins); H800 when none does."""
-    known = sorted((k for k in DEVICES if k != "cpu-core" and k.lower() in name.lower()), key=len, reverse=True)
-    return DEVICES[known[0]] if known else DEVICES["H800"]
+    """The datasheet DeviceSpec of a CUDA device name ("NVIDIA H100 80GB HBM3" → H100-SXM);
+    H800 when no marker matches."""
+    lower = name.lower()
+    return DEVICES[next((spec for marker, spec in GPU_SPEC_MARKERS if marker in lower), "H800")]
 
 
 def fit_calibration(backend: str, world_size: int, device: dict, compute: list[dict], comm: list[dict],

@@ -161,9 +161,10 @@ def _prepare_rank_step(rows: dict[str, np.ndarray | list], idx: np.ndarray) -> t
             # call waited for the stream; the op after the call waits for the copy instead
             for d in deps[k]:
                 if not lane[d].startswith("cuda:") and end[d] >= end[k]:
-                    own[d] = end[d] - end[k]  # it waited for the stream before the copy began
-                    if d in next_on_lane:
+                    own[d] = 0.0  # it waited for the stream, then the copy
+                    if d in next_on_lane:  # its time after the copy comes before the next op
                         deps[next_on_lane[d]].append(k)
+                        gap[next_on_lane[d]] += end[d] - end[k]
     joined: set[int] = set()
     for c in (k for k in range(len(idx)) if kind[k] == "comm"):
         issuers = [d for d in deps[c] if kind[d] != "comm"]
@@ -214,14 +215,15 @@ def _join_backward_thread(by_lane: dict[str, list[int]], label: list[str], start
         if not ln.startswith("cpu:") or ln == "cpu:main" or not any(label[k].endswith(":bwd") for k in ks):
             continue
         first, last = ks[0], ks[-1]
-        j = int(np.searchsorted(main_start, start[first], side="right")) - 1
-        if j >= 0 and end[main[j]] <= start[first]:  # (a main op still running is no start signal)
-            deps[first].append(main[j])
-            gap[first] = start[first] - end[main[j]]
-        j = int(np.searchsorted(main_start, end[last], side="left"))
-        if j < len(main) and (j == 0 or end[main[j - 1]] <= end[last]):
-            deps[main[j]].append(last)
-            gap[main[j]] = max(start[main[j]] - end[last], 0.0)
+        j_start = int(np.searchsorted(main_start, start[first], side="right")) - 1
+        if j_start >= 0 and end[main[j_start]] <= start[first]:  # (a main op still running is no start signal)
+            deps[first].append(main[j_start])
+            gap[first] = start[first] - end[main[j_start]]
+        j_end = int(np.searchsorted(main_start, end[last], side="left"))
+        # a later main op than the one that started the pass (else a zero-length pass could loop)
+        if j_start < j_end < len(main) and (j_end == 0 or end[main[j_end - 1]] <= end[last]):
+            deps[main[j_end]].append(last)
+            gap[main[j_end]] = max(start[main[j_end]] - end[last], 0.0)
 
 
 def step_graph(ops: pa.Table, steps: list[int] | None = None, stat: str = "mean", per_step: bool = False,
@@ -381,15 +383,21 @@ def _scale_gpu_work(g: StepGraph, model: CostModel, token_scale: float, attentio
                 order[i] = (ops, k)
 
     def owner(launch: int) -> int:
-        """The first piece of the top-level op that made the launch call (or -1)."""
+        """The first piece of the top-level op that made the launch call (or -1). The
+        pieces of one top-level op follow each other with no gap between them; the walk
+        back stops at the first gap, so a same-named op before it is another op."""
         ops, k = order[launch]
-        k -= 1
-        while k >= 0 and g.name[ops[k]].startswith("cu"):  # runtime / driver calls in between
+
+        def joined(j: int) -> bool:  # piece j starts where piece j - 1 ended
+            return j > 0 and g.gap_us[ops[j]] <= 1e-6
+
+        while joined(k) and g.name[ops[k - 1]].startswith("cu"):  # runtime / driver calls in between
             k -= 1
-        if k < 0:
-            return -1
+        if not joined(k):
+            return -1  # a launch call of its own, outside any op
+        k -= 1
         name = g.name[ops[k]]
-        while k > 0 and (g.name[ops[k - 1]] == name or g.name[ops[k - 1]].startswith("cu")):
+        while joined(k) and (g.name[ops[k - 1]] == name or g.name[ops[k - 1]].startswith("cu")):
             k -= 1
         while g.name[ops[k]] != name:
             k += 1

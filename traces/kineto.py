@@ -281,8 +281,8 @@ def _columns(events: list) -> dict:
     nbytes[gpu] = [b if b.__class__ in (int, float) and 0 <= b < 1e300 else 0 for b in moved]
     cat_list = cat.tolist()
     flows = [e for e in events if e.get("cat") == "fwdbwd" and e.get("ph") in ("s", "f")
-             and e.get("ts").__class__ in (int, float) and e.get("pid").__class__ in (int, str)
-             and e.get("tid").__class__ in (int, str)]
+             and e.get("ts").__class__ in (int, float) and -1e300 < e["ts"] < 1e300 and e.get("id").__class__ is int
+             and e.get("pid").__class__ in (int, str) and e.get("tid").__class__ in (int, str)]
     return {
         "flow_id": np.array([_as_int(e.get("id"), -1) for e in flows], dtype=np.int64),
         "flow_is_start": np.array([e["ph"] == "s" for e in flows], dtype=bool),

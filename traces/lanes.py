@@ -281,7 +281,7 @@ def _backward_labels(tf: TraceFile, painters: dict) -> dict[int, tuple[np.ndarra
               zip(tf.flow_id.tolist(), tf.flow_ts_us.tolist(), tf.flow_thread.tolist(), tf.flow_is_start.tolist()) if s}
     ends: dict[int, list[tuple[float, str]]] = defaultdict(list)
     for i, t, th, s in zip(tf.flow_id.tolist(), tf.flow_ts_us.tolist(), tf.flow_thread.tolist(), tf.flow_is_start.tolist()):
-        if s or i not in starts or starts[i][1] == th or starts[i][1] not in painters:
+        if s or i < 0 or i not in starts or starts[i][1] == th or starts[i][1] not in painters:
             continue
         fwd_ts, fwd_thread = starts[i]
         l_paint, f_paint = painters[fwd_thread]

@@ -177,6 +177,11 @@ def test_simulate_cli_what_if_on_a_gloo_run_uses_the_comm_model(tmp_path, capsys
     assert main(["simulate", "--trace", str(run), "--to-schedule", "shortcut", "--calibration", str(nccl),
                  "-o", str(tmp_path / "bad")]) == 2
     assert "calibrated for backend nccl" in capsys.readouterr().err
+    eight = tmp_path / "gloo8.json"  # the comm model must be the run's world size
+    write_calibration(fit_calibration("gloo", 8, {"type": "cpu"}, compute, comm, "x"), eight)
+    assert main(["simulate", "--trace", str(run), "--to-schedule", "shortcut", "--calibration", str(eight),
+                 "-o", str(tmp_path / "bad")]) == 2
+    assert "calibrated for backend gloo world size 8, asked for backend gloo world size 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("batch,seq,bound", [(16, 512, 0.08), (2, 256, 0.15)])
@@ -195,3 +200,67 @@ def test_the_what_if_commands_on_a_second_h200_with_its_own_calibration(tmp_path
     predicted = read_json(tmp_path / "sim" / "metrics.json")["step_time_us"]
     live = read_json(data / f"b{batch}-t{seq}-prof" / "run.json")["step_time_us_median"]
     assert predicted == pytest.approx(live, rel=bound)
+
+
+def test_gpu_scale_work_tells_apart_two_same_named_ops():
+    """Two aten::linear ops one after the other (a host gap between them), each launching a
+    kernel: each kernel follows its own op's work, not the first op's."""
+    ops = Ops()
+    ops.add(0, "cpu:main", "host", "aten::linear", 5.0, start=0.0, flops=2e6, step=0)
+    small = ops.add(0, "cpu:main", "host", "cudaLaunchKernel", 2.0, start=5.0, step=0)
+    ops.add(0, "cpu:main", "host", "aten::linear", 1.0, start=7.0, step=0)
+    ops.add(0, "cpu:main", "host", "aten::linear", 5.0, start=10.0, flops=2e10, step=0)  # 2 µs gap: another op
+    big = ops.add(0, "cpu:main", "host", "cudaLaunchKernel", 2.0, start=15.0, step=0)
+    ops.add(0, "cpu:main", "host", "aten::linear", 1.0, start=17.0, step=0)
+    ops.add(0, "cuda:0/stream:7", "compute", "k_small", 3.0, start=8.0, deps=[small], step=0)
+    ops.add(0, "cuda:0/stream:7", "compute", "k_big", 400.0, start=18.0, deps=[big], step=0)
+    g = step_graph(ops.table())
+    model = CostModel(get_cluster("h200", gpus=8).gpu, {"gemm": KindFit("gemm", 4.0, 1e-3, 0.0, "sum", 3, 0.0)})
+    doubled = scale_work(g, model, 2.0)
+    for name, mflop in (("k_small", 2.0), ("k_big", 2e4)):
+        i = g.name.index(name)
+        assert doubled.dur_us[i] == pytest.approx(g.dur_us[i] * (4.0 + 2e-3 * mflop) / (4.0 + 1e-3 * mflop))
+
+
+def test_the_backward_thread_joins_the_main_lane():
+    """CUDA autograd: the main lane idles in backward() while a worker thread runs the pass
+    (labels ':bwd'). The replay must run the pass after the op that started it and the
+    main lane's next op after the pass: 10 + 2 + 18 + 5 + 5 = 40 µs, not the main lane's own
+    10 + 25 + 5 with the pass beside it."""
+    ops = Ops()
+    ops.add(0, "cpu:main", "host", "loss", 10.0, start=0.0, label="loss", step=0)
+    ops.add(0, "cpu:thread/1", "host", "MmBackward0", 8.0, start=12.0, label="L0/experts:bwd", step=0)
+    ops.add(0, "cpu:thread/1", "host", "MulBackward0", 10.0, start=20.0, label="L0/router:bwd", step=0)
+    ops.add(0, "cpu:main", "host", "optimizer", 5.0, start=35.0, label="optimizer", step=0)
+    g = step_graph(ops.table())
+    assert _replay_us(g) == pytest.approx(40.0)
+
+
+def test_gpu_device_spec_from_cuda_names():
+    from simulator.calibrate import gpu_device_spec
+
+    names = {"NVIDIA H200": "H200", "NVIDIA H100 80GB HBM3": "H100-SXM", "NVIDIA A100-SXM4-80GB": "A100-SXM-80GB",
+             "NVIDIA A800-SXM4-80GB": "A100-SXM-80GB", "NVIDIA H800": "H800", "NVIDIA B200": "B200",
+             "Tesla T4": "H800"}
+    assert {n: gpu_device_spec(n).name for n in names} == names
+
+
+def test_simulate_cli_refuses_what_ifs_it_cannot_make(tmp_path, capsys):
+    from moesim.cli import main
+
+    run = _parsed_copy(MEDIUM / "prefill-b4-t512-sequential-prof" / "rep0", tmp_path / "run")
+    cal = str(H200 / "calibration.json")
+    bad = {
+        ("--to-batch", "0", "--calibration", cal): "--to-batch 0 / --to-seq 512: expected positive integers",
+        ("--calibration", cal): "--calibration: only the what-if options",
+        ("--to-batch", "8", "--no-gaps", "--calibration", cal): "--comm-from-trace / --no-gaps: not with",
+    }
+    for argv, message in bad.items():
+        capsys.readouterr()
+        assert main(["simulate", "--trace", str(run), *argv, "-o", str(tmp_path / "sim")]) == 2, argv
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "sim").exists()
+    decode = _parsed_copy(H200 / "tiny" / "decode-shortcut", tmp_path / "decode")
+    capsys.readouterr()
+    assert main(["simulate", "--trace", str(decode), "--to-seq", "4", "--calibration", cal, "-o", str(tmp_path / "sim")]) == 2
+    assert "a decode step's attention grows with its cached context" in capsys.readouterr().err
