@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "measure collectives and compute ops on this machine and fit the cost models (writes CAL/calibration.json)"
 
@@ -59,5 +60,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"transfers beside compute ({load['cores']} cores, share {load['share']:.2f} per job):  "
               + "  ".join(f"{s['coll_bytes'] / 1024:.0f} KiB {s['idle_us']:.0f} → {s['loaded_us']:.0f} µs" for s in load["sizes"])
               + f"  → comm load exponent {load['exponent']:.2f}" + ("" if load["measured"] else " (default: cores not shared)"))
+    for line in cal.get("warnings", []):
+        print(f"calibrate: warning: {line}", file=sys.stderr)
     print(f"wrote {path}")
     return 0

@@ -25,6 +25,8 @@ Calibration file (`CAL/calibration.json`, or any path ending in .json):
     comm_load (gloo, world size > 1; absent → exponent DEFAULT_COMM_LOAD_EXPONENT)
              {exponent, cores, share, sizes: [{coll_bytes, idle_us, loaded_us, exponent}],
               points: [{coll_bytes, idle_us_all, loaded_us_all, chunk_us}]}
+    warnings [str]  fits the measurements could not support (comm_warnings); the CLI
+             prints them
 On CUDA the same code calibrates NCCL and kernels (each case's kernel time under the
 profiler, the CUDA-event latency beside it); run on one H200 (tests/data/h200/calibration.json).
 """
@@ -449,7 +451,30 @@ def fit_calibration(backend: str, world_size: int, device: dict, compute: list[d
     }
     if comm_load is not None:
         cal["comm_load"] = comm_load
+    warnings = comm_warnings(fits, comm)
+    if warnings:
+        cal["warnings"] = warnings
     return cal
+
+
+def comm_warnings(fits: dict, comm: Sequence[dict]) -> list[str]:
+    """One line per collective across ranks whose fit has no per-byte cost: its median time
+    did not grow with message size. On shared cores a rank descheduled for a time slice
+    (~3 ms on Linux) makes a repetition 10-20x slower; once that hits over half of a size's
+    repetitions, the median of a small message can match a large one's and the fit says
+    bandwidth is infinite."""
+    lines = []
+    for (coll, n), fit in fits.items():
+        sel = sorted((p for p in comm if p["coll"] == coll and p["world_size"] == n), key=lambda p: p["coll_bytes"])
+        if n < 2 or fit.us_per_mb > 0 or len(sel) < 2:
+            continue
+        lo, hi = sel[0], sel[-1]
+        lines.append(
+            f"{coll} at world size {n}: the median time does not grow with message size "
+            f"({lo['coll_bytes'] / 1024:.0f} KiB {lo['dur_us']:.0f} µs, {hi['coll_bytes'] / 1024:.0f} KiB {hi['dur_us']:.0f} µs), "
+            f"so its fit has no per-byte cost; the ranks were likely descheduled — rerun on idle cores or with more --comm-reps"
+        )
+    return lines
 
 
 def calibrate(backend: str = "gloo", world_size: int = 2, sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES,

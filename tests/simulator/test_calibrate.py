@@ -92,8 +92,29 @@ def test_wrong_backend_or_world_size_and_missing_file(tmp_path):
     assert calibration_path("x.json").name == "x.json"
 
 
+def test_a_collective_whose_time_does_not_grow_with_size_is_flagged():
+    """What a 2-core CI machine measured for gloo all_reduce (stop 18): most repetitions of
+    both sizes waited ~3 ms for a descheduled rank, so the 1 KiB median matched the 4 MiB one.
+    The fit then has no per-byte cost, and the calibration must say so."""
+    compute, comm = _synthetic_points()
+    slow = [3324.0, 405, 254, 2929, 3879, 4053, 319, 324, 3660]
+    comm += [{"coll": "all_reduce", "world_size": 2, "coll_bytes": 1024.0, "dur_us": float(np.median(slow)), "dur_us_all": slow},
+             {"coll": "all_reduce", "world_size": 2, "coll_bytes": 4194304.0, "dur_us": 2850.0, "dur_us_all": []},
+             {"coll": "all_reduce", "world_size": 1, "coll_bytes": 1024.0, "dur_us": 40.0, "dur_us_all": []},
+             {"coll": "all_reduce", "world_size": 1, "coll_bytes": 4194304.0, "dur_us": 39.0, "dur_us_all": []}]
+    cal = fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x")
+    # all_to_all grows with size and one rank has nothing to send: neither is flagged
+    assert cal["warnings"] == [
+        "all_reduce at world size 2: the median time does not grow with message size (1 KiB 2929 µs, 4096 KiB 2850 µs), "
+        "so its fit has no per-byte cost; the ranks were likely descheduled — rerun on idle cores or with more --comm-reps"]
+    assert "warnings" not in fit_calibration("gloo", 2, {"type": "cpu"}, *_synthetic_points(), "x")
+
+
 @pytest.mark.slow
 def test_live_gloo_calibration_cli(tmp_path, capsys):
+    """On 2 shared cores a repetition that waits for a descheduled rank takes ~3 ms at any
+    size, so only the fastest repetitions say how time grows with size; a fit that came out
+    flat anyway must carry a warning."""
     out = tmp_path / "CAL"
     rc = main(["calibrate", "--backend", "gloo", "--world-size", "2", "-o", str(out),
                "--sizes-kib", "1,4096", "--comm-reps", "9", "--compute-reps", "2", "--load-reps", "9"])
@@ -103,7 +124,11 @@ def test_live_gloo_calibration_cli(tmp_path, capsys):
     assert {p["coll"] for p in raw["points"]["comm"]} == {"all_to_all", "all_reduce", "all_gather"}
     assert {"gemm", "elementwise", "norm", "attention", "movement"} <= set(model.fits)
     # physical sanity: bigger messages and bigger GEMMs take longer
-    assert comm.predict_us("all_reduce", 2, 4e6) > comm.predict_us("all_reduce", 2, 1e3)
+    for coll in ("all_to_all", "all_reduce", "all_gather"):
+        fastest = {p["coll_bytes"]: min(p["dur_us_all"]) for p in raw["points"]["comm"] if p["coll"] == coll and p["world_size"] == 2}
+        assert fastest[4 * 2**20] > fastest[2**10], coll
+        flagged = any(w.startswith(f"{coll} at world size 2:") for w in raw.get("warnings", []))
+        assert (comm.predict_us(coll, 2, 4e6) > comm.predict_us(coll, 2, 1e3)) != flagged, coll
     assert model.predict_us("gemm", 1e10, 1e7) > model.predict_us("gemm", 1e7, 1e5)
     load = raw["comm_load"]
     assert [p["coll_bytes"] for p in load["points"]] == [2**k * 256 * 1024 for k in range(5)]
@@ -112,8 +137,9 @@ def test_live_gloo_calibration_cli(tmp_path, capsys):
     if load["measured"]:  # the cores are shared: a transfer beside two computing ranks is slower
         idle = np.median([t for p in load["points"] for t in p["idle_us_all"]])
         assert np.median([t for p in load["points"] for t in p["loaded_us_all"]]) > idle
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "comm load exponent" in out and "wrote" in out
+    assert err.count("calibrate: warning:") == len(raw.get("warnings", []))
 
 
 H200_CAL = Path(__file__).resolve().parents[1] / "data" / "h200" / "calibration.json"
