@@ -21,10 +21,11 @@ ranges give labels, `ProfilerStep#N` gives the step, others are kept as labels w
 `L...` range encloses the op (collective ranges, `nccl:*` / `gloo:*`, never are).
 
 Labels: an op gets the innermost `L...` user_annotation range of its thread that contains
-its midpoint (else the innermost other annotation, else ""). Backward work on a thread
-without annotations (on CUDA, autograd runs the backward pass on a worker thread of its own)
-takes, per top-level op, the label of the forward op that its first `fwdbwd` flow starts
-from, plus ":bwd" (`L0/experts:bwd`). GPU ops take the label and step of the CPU call that
+its midpoint (else the innermost other annotation, else ""). Backward work, outside every
+`L...` range (on CUDA autograd runs the backward pass on a worker thread of its own; on CPU
+on the calling thread, inside moesim's plain `backward` range), takes per top-level op the
+label of the forward op that its first `fwdbwd` flow starts from, plus ":bwd"
+(`L0/experts:bwd`, `head:bwd`); ops no flow reaches keep their annotation. GPU ops take the label and step of the CPU call that
 launched them (matched by `correlation`); gloo collectives those of the c10d call that
 issued them.
 
@@ -207,13 +208,14 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
         l_values = np.array(l_paint.values + [""], dtype=object)
         f_values = np.array(f_paint.values + [""], dtype=object)
         labels = np.where(l_hit >= 0, l_values[l_hit], f_values[f_hit]).tolist()
-        if thread in backward_label:  # unannotated backward work: its forward op's label
+        if thread in backward_label:  # backward work outside any L-range: its forward op's label
             flow_ts, flow_label = backward_label[thread]
             holder = np.searchsorted(start[tops], mid, side="right") - 1
             first_flow = np.searchsorted(flow_ts, start[tops], side="left")
             top_label = [flow_label[k] if k < len(flow_ts) and flow_ts[k] <= end[t] else ""
                          for k, t in zip(first_flow.tolist(), tops.tolist())]
-            labels = [lab or (top_label[h] if h >= 0 else "") for lab, h in zip(labels, holder.tolist())]
+            labels = [(top_label[h] or lab) if h >= 0 and lh < 0 else lab
+                      for lab, h, lh in zip(labels, holder.tolist(), l_hit.tolist())]
         step_values = np.array([int(v) for v in steps.values] + [-1], dtype=np.int64)
         out.extend(lane, kinds, piece_names, labels, ps, pe - ps, step_values[s_hit])
         # every CPU event of the thread → the piece that ends with it
@@ -274,14 +276,16 @@ def rank_ops(tf: TraceFile, config: ClassifyConfig) -> dict[str, object]:
 
 
 def _backward_labels(tf: TraceFile, painters: dict) -> dict[int, tuple[np.ndarray, list[str]]]:
-    """Labels for backward work on threads without annotations (CUDA autograd runs the
-    backward pass on a worker thread of its own): thread → (times of the `fwdbwd` flow ends
-    there, sorted; for each, the label of the forward op at the flow's start, with ":bwd")."""
+    """Labels for backward work, which runs outside the forward's L-ranges (CUDA autograd on
+    a worker thread of its own; on CPU the calling thread, inside a plain `backward` range):
+    thread → (times of the `fwdbwd` flow ends there, sorted; for each, the label of the
+    forward op at the flow's start, with ":bwd"). An autograd node a flow ends in takes that
+    label over any non-L annotation around it."""
     starts = {int(i): (float(t), int(th)) for i, t, th, s in
               zip(tf.flow_id.tolist(), tf.flow_ts_us.tolist(), tf.flow_thread.tolist(), tf.flow_is_start.tolist()) if s}
     ends: dict[int, list[tuple[float, str]]] = defaultdict(list)
     for i, t, th, s in zip(tf.flow_id.tolist(), tf.flow_ts_us.tolist(), tf.flow_thread.tolist(), tf.flow_is_start.tolist()):
-        if s or i < 0 or i not in starts or starts[i][1] == th or starts[i][1] not in painters:
+        if s or i < 0 or i not in starts or starts[i][1] not in painters:
             continue
         fwd_ts, fwd_thread = starts[i]
         l_paint, f_paint = painters[fwd_thread]

@@ -155,8 +155,27 @@ def test_train_and_decode_runs(tmp_path, mode, schedule):
         # the backward of each exchange is an all-to-all too: 3 per forward + 2 per backward
         assert sum(e["name"] == "gloo:all_to_all" for e in events) == 5 * STEPS
         assert "gloo:all_reduce" in names
+        _check_backward_labels(tmp_path)
     else:
         assert run["context"] == 6 and run["routing"]["0"]["tokens"] == 4 * STEPS
+
+
+def _check_backward_labels(run_dir):
+    """On CPU autograd runs the backward pass on the calling thread, inside the plain
+    `backward` range: each autograd node takes its forward op's label + ":bwd" (traces.lanes,
+    from the fwdbwd flows). Counted independently: every forward aten::linear (no bias, 2-D:
+    one mm) has exactly one MmBackward0 node, so per block and step the two counts match."""
+    from collections import Counter
+
+    from traces.kineto import parse_traces
+    from traces.rundir import trace_files
+
+    ops = parse_traces(trace_files(run_dir)).select(["rank", "step", "name", "label"]).to_pylist()
+    fwd = Counter((o["rank"], o["step"], o["label"]) for o in ops if o["name"] == "aten::linear")
+    bwd = Counter((o["rank"], o["step"], o["label"].removesuffix(":bwd")) for o in ops
+                  if o["name"] == "autograd::engine::evaluate_function: MmBackward0")
+    assert fwd == bwd and any(label.endswith("/experts") for _, _, label in fwd)
+    assert all(o["label"].endswith(":bwd") for o in ops if o["name"].startswith("autograd::engine::evaluate_function: Mm"))
 
 
 def test_a_raising_rank_fails_the_run_and_finished_traces_are_kept(tmp_path, capsys):
