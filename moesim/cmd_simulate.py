@@ -1,7 +1,7 @@
 """`moesim simulate`: replay a traced run on a cluster model and write a simulated run dir.
 
     moesim simulate --trace RUN --cluster NAME [--gpus N] -o SIMRUN [--comm-from-trace] [--seed S]
-    moesim simulate --trace RUN --to-batch B [--to-seq T] [--to-schedule S] --calibration CAL -o SIMRUN
+    moesim simulate --trace RUN --to-batch B [--to-seq T] [--to-schedule S] [--to-zero-share Z] --calibration CAL -o SIMRUN
     moesim simulate --preset MODEL --cluster NAME --gpus N --mode decode --context C --batch-per-gpu B
                     --schedule sbo [--mtp-accept 0.9] [--price-per-gpu-hour 2] -o SIMRUN   (simulator/whatif.py)
 
@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="predict it at T tokens per sequence (default: the run's)")
     w.add_argument("--to-schedule", choices=["sequential", "shortcut"], default=None,
                    help="predict it under this schedule (default: the run's)")
+    w.add_argument("--to-zero-share", type=float, default=None, metavar="Z",
+                   help="predict it with this share of routed slots going to zero-computation experts, 0 <= Z < 1 "
+                        "(each layer's FFN-expert rows and dispatch/combine payloads scale by (1 - Z) / (1 - z), z the "
+                        "layer's share in run.json; needs --calibration)")
     w.add_argument("--calibration", metavar="CAL", default=None,
                    help="the cost model that moves op durations to --to-batch/--to-seq (calibration.json or "
                         "its dir, from `moesim calibrate` on the run's hardware)")
@@ -93,21 +97,39 @@ def _cluster_for(name: str, ranks: int, gpus: int | None, cores: int | None):
     return get_cluster(name, gpus=gpus, **options)
 
 
+def _zero_share_scales(live: dict, run_json: Path, to_share: float) -> dict[int, float]:
+    """Per layer: FFN-expert rows at zero share to_share / at the run's (run.json routing)."""
+    from moesim.cli import UsageError
+
+    if not 0 <= to_share < 1:
+        raise UsageError(f"--to-zero-share {to_share:g}: expected 0 <= Z < 1")
+    routing = live.get("routing")
+    try:
+        shares = {int(layer): float(r["zero_expert_share"]) for layer, r in routing.items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        shares = {}
+    if not shares:
+        raise UsageError(f"--to-zero-share: {run_json} holds no routing.*.zero_expert_share (a run dir written by "
+                         "`moesim profile`)")
+    return {layer: (1 - to_share) / (1 - z) for layer, z in shares.items()}
+
+
 def _what_if(args: argparse.Namespace, ops, run_dir: Path, live: dict, cluster, notes: dict):
-    """The traced run moved to --to-batch / --to-seq / --to-schedule: one typical step
-    (waiting removed), op durations scaled by the calibration's cost model (on a GPU trace:
-    kernels by their launching op's work, host ops kept), then replayed. Collectives take
-    the calibration's comm model on cpu-loopback, their traced time on a GPU cluster."""
+    """The traced run moved to --to-batch / --to-seq / --to-schedule / --to-zero-share: one
+    typical step (waiting removed), op durations scaled by the calibration's cost model (on
+    a GPU trace: kernels by their launching op's work, host ops kept), then replayed.
+    Collectives take the calibration's comm model on cpu-loopback, their traced time on a
+    GPU cluster."""
     import numpy as np
 
     from moesim.cli import UsageError
     from simulator.calibrate import attach_work, load_calibration
     from simulator.engine import simulate
-    from simulator.transforms import scale_work, set_schedule, step_graph
+    from simulator.transforms import scale_experts, scale_work, set_schedule, step_graph
 
     batch, seq = live.get("batch"), live.get("seq")
     if not (isinstance(batch, int) and isinstance(seq, int) and batch > 0 and seq > 0):
-        raise UsageError(f"--to-batch/--to-seq/--to-schedule: {run_dir / 'run.json'} gives no batch and seq "
+        raise UsageError(f"--to-batch/--to-seq/--to-schedule/--to-zero-share: {run_dir / 'run.json'} gives no batch and seq "
                          "(a run dir written by `moesim profile`)")
     to_batch = args.to_batch if args.to_batch is not None else batch
     to_seq = args.to_seq if args.to_seq is not None else seq
@@ -117,13 +139,15 @@ def _what_if(args: argparse.Namespace, ops, run_dir: Path, live: dict, cluster, 
         raise UsageError("--to-seq: a decode step's attention grows with its cached context, which --to-seq "
                          "does not move; use --to-batch, or profile the other length")
     if args.comm_from_trace or args.no_gaps:
-        raise UsageError("--comm-from-trace / --no-gaps: not with --to-batch/--to-seq/--to-schedule (the moved "
+        raise UsageError("--comm-from-trace / --no-gaps: not with the --to-* what-ifs (the moved "
                          "step takes collectives from the comm model on cpu-loopback, from the trace on GPUs)")
     token_scale = to_batch * to_seq / (batch * seq)
+    layer_scale = None if args.to_zero_share is None else _zero_share_scales(live, run_dir / "run.json", args.to_zero_share)
     backend = live.get("backend")
     comm = None
-    g = step_graph(attach_work(ops, run_dir) if token_scale != 1 else ops)
-    if token_scale != 1 or cluster.kind == "cpu":
+    moved = token_scale != 1 or layer_scale is not None
+    g = step_graph(attach_work(ops, run_dir) if moved else ops)
+    if moved or cluster.kind == "cpu":
         if args.calibration is None:
             raise UsageError(f"--calibration CAL is required to move the run's op durations; create it with "
                              f"`moesim calibrate --backend {backend or 'gloo'} --world-size {live.get('world_size', 1)} -o CAL`")
@@ -131,12 +155,18 @@ def _what_if(args: argparse.Namespace, ops, run_dir: Path, live: dict, cluster, 
                                           world_size=live.get("world_size") if cluster.kind == "cpu" else None)
         if token_scale != 1:
             g = scale_work(g, model, token_scale, token_scale * to_seq / seq)
+        if layer_scale is not None:
+            g = scale_experts(g, model, layer_scale=layer_scale)
     schedule = args.to_schedule or live.get("schedule")
     if schedule in ("sequential", "shortcut"):
         g = set_schedule(g, schedule)
     notes["what_if"] = {"from": {"batch": batch, "seq": seq, "schedule": live.get("schedule")},
                         "to": {"batch": to_batch, "seq": to_seq, "schedule": schedule},
                         "token_scale": token_scale, "calibration": args.calibration}
+    if layer_scale is not None:
+        notes["what_if"]["from"]["zero_share"] = {str(k): 1 - (1 - args.to_zero_share) / v for k, v in layer_scale.items()}
+        notes["what_if"]["to"]["zero_share"] = args.to_zero_share
+        notes["what_if"]["ffn_rows_scale"] = {str(k): v for k, v in layer_scale.items()}
     if cluster.kind == "cpu":
         from simulator.validate import simulate_graph
 
@@ -194,12 +224,12 @@ def _run_trace(args: argparse.Namespace) -> int:
     cluster = _cluster_for(name, world, args.gpus, cores)
     t0 = time.perf_counter()
     notes: dict = {}
-    if (args.to_batch, args.to_seq, args.to_schedule) != (None, None, None):
+    if (args.to_batch, args.to_seq, args.to_schedule, args.to_zero_share) != (None, None, None, None):
         sim = _what_if(args, ops, parquet.parent, live, cluster, notes)
     elif args.calibration is not None:
         from moesim.cli import UsageError
 
-        raise UsageError("--calibration: only the what-if options (--to-batch, --to-seq, --to-schedule) use it")
+        raise UsageError("--calibration: only the what-if options (--to-batch, --to-seq, --to-schedule, --to-zero-share) use it")
     else:
         sim = replay(ops, cluster, comm_from_trace=args.comm_from_trace, seed=args.seed,
                      keep_gaps=not args.no_gaps, flow_model=args.flow_model,

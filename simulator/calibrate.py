@@ -54,6 +54,7 @@ from simulator.costmodel import (
     CommModel,
     CostModel,
     DeviceSpec,
+    OpWork,
     classify,
     fit_comm,
     fit_cost_model,
@@ -561,12 +562,51 @@ def load_calibration(path: str | os.PathLike, backend: str | None = None, world_
 
 @dataclass
 class _EventColumns:
-    """The profiler events of one rank that carry shapes (N events)."""
+    """The profiler's CPU op events of one rank (N events); args None where no shapes."""
 
     name: list
     args: list
     ts_us: "np.ndarray"
     dur_us: "np.ndarray"
+    tid: list
+
+
+class _NestedWork:
+    """Work of one rank's CPU op events: op_work from an event's own shapes, else the sum
+    over the outermost events with work nested in it on its thread."""
+
+    def __init__(self, tf: _EventColumns, weights: set) -> None:
+        self.tf, self.weights = tf, weights
+        self.own: dict[int, OpWork] = {}
+        by_thread: dict = {}
+        for i in sorted(range(len(tf.name)), key=lambda i: (tf.ts_us[i], -tf.dur_us[i])):
+            by_thread.setdefault(tf.tid[i], []).append(i)
+        self.by_thread = {t: (np.asarray(ix), tf.ts_us[ix]) for t, ix in by_thread.items()}
+
+    def own_work(self, i: int) -> OpWork:
+        if i not in self.own:
+            a = self.tf.args[i]
+            self.own[i] = (op_work(self.tf.name[i], a.get("Input Dims"), a.get("Input type"), self.weights)
+                           if a is not None else OpWork(classify(self.tf.name[i]), 0.0, 0.0))
+        return self.own[i]
+
+    def work(self, i: int) -> OpWork:
+        w = self.own_work(i)
+        if w.flops > 0 or w.bytes > 0:
+            return w
+        tf = self.tf
+        ix, ts = self.by_thread[tf.tid[i]]
+        end = tf.ts_us[i] + tf.dur_us[i]
+        flops = nbytes = fixed = 0.0
+        covered = -math.inf
+        for j in ix[np.searchsorted(ts, tf.ts_us[i], side="left"): np.searchsorted(ts, end, side="right")].tolist():
+            if j == i or tf.ts_us[j] < covered or tf.ts_us[j] + tf.dur_us[j] > end:
+                continue
+            c = self.own_work(j)
+            if c.flops > 0 or c.bytes > 0:
+                flops, nbytes, fixed = flops + c.flops, nbytes + c.bytes, fixed + c.fixed_bytes
+                covered = tf.ts_us[j] + tf.dur_us[j]
+        return OpWork(w.kind, flops, nbytes, fixed)
 
 
 def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
@@ -576,8 +616,12 @@ def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
     The normalized trace keeps no shapes, so each op is matched to its profiler event (same
     rank and name, start within 1 µs after the rank's clock offset, which is estimated as
     the median start − ts over ops whose (name, duration) pair is unique) and `op_work`
-    gives the work. Ops already carrying work, and ops
-    without a match, are left as they are.
+    gives the work; an op without shapes of its own (an autograd node such as
+    `autograd::engine::evaluate_function: MmBackward0`) takes the summed work of the
+    outermost ops with work nested in it on its thread. Ops already carrying work, and ops
+    without a match, are left as they are. Adds a `fixed_bytes` column beside the schema's
+    (op_work: weight bytes, which scaling keeps; step_graph carries it into the StepGraph),
+    with the weight shapes op_work needs taken from each rank's `aten::linear` events.
     """
     import numpy as np
     import pyarrow as pa
@@ -594,11 +638,12 @@ def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
     for k, path in enumerate(paths):
         doc = read_trace(path)
         rank = (doc.get("distributedInfo") or {}).get("rank", k)
-        timed = [e for e in doc.get("traceEvents", []) if e.get("ph") == "X" and isinstance(e.get("args"), dict)
-                 and "Input Dims" in e["args"]]
+        timed = [e for e in doc.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
         by_rank[int(rank)] = _EventColumns(
-            name=[e.get("name", "") for e in timed], args=[e["args"] for e in timed],
+            name=[e.get("name", "") for e in timed],
+            args=[e["args"] if isinstance(e.get("args"), dict) and "Input Dims" in e["args"] else None for e in timed],
             ts_us=np.array([float(e.get("ts", 0)) for e in timed]), dur_us=np.array([float(e.get("dur", 0)) for e in timed]),
+            tid=[e.get("tid") for e in timed],
         )
     rank_col = ops.column("rank").to_numpy()
     names = ops.column("name").to_pylist()
@@ -607,12 +652,17 @@ def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
     kind = ops.column("kind").to_pylist()
     flops = ops.column("flops").to_numpy().copy()
     nbytes = ops.column("bytes").to_numpy().copy()
+    fixed = (ops.column("fixed_bytes").to_numpy().copy() if "fixed_bytes" in ops.column_names
+             else np.zeros(ops.num_rows))
     for rank, tf in by_rank.items():
         rows = np.flatnonzero(rank_col == rank)
+        weights = {tuple(a["Input Dims"][1]) for nm, a in zip(tf.name, tf.args)
+                   if a is not None and nm == "aten::linear" and len(a.get("Input Dims") or []) > 1
+                   and isinstance(a["Input Dims"][1], list) and len(a["Input Dims"][1]) == 2}
+        nested = _NestedWork(tf, weights)
         ev_by_name: dict[str, list[int]] = {}
         for i, nm in enumerate(tf.name):
-            if tf.args[i] is not None and "Input Dims" in tf.args[i]:
-                ev_by_name.setdefault(nm, []).append(i)
+            ev_by_name.setdefault(nm, []).append(i)
         pair_ev: dict[tuple, list[int]] = {}
         for nm, idx in ev_by_name.items():
             for i in idx:
@@ -638,14 +688,15 @@ def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
             best = min((k for k in (j - 1, j) if 0 <= k < len(ts)), key=lambda k: abs(ts[k] - start[r]), default=None)
             if best is None or abs(ts[best] - start[r]) > 1.0:
                 continue
-            args = tf.args[int(idx[best])]
             if kind[r] != "comm" and flops[r] <= 0 and nbytes[r] <= 0:
-                work = op_work(names[r], args.get("Input Dims"), args.get("Input type"))
-                flops[r], nbytes[r] = work.flops, work.bytes
+                work = nested.work(int(idx[best]))
+                flops[r], nbytes[r], fixed[r] = work.flops, work.bytes, work.fixed_bytes
     out = ops
     for col, values in (("flops", flops), ("bytes", nbytes)):
         out = out.set_column(out.schema.get_field_index(col), col, pa.array(values, type=pa.float64()))
-    return out
+    if "fixed_bytes" in out.column_names:
+        return out.set_column(out.schema.get_field_index("fixed_bytes"), "fixed_bytes", pa.array(fixed, type=pa.float64()))
+    return out.append_column("fixed_bytes", pa.array(fixed, type=pa.float64()))
 
 
 def fit_from_ops(ops: "pa.Table", base: CostModel, min_points: int = 3) -> CostModel:

@@ -32,7 +32,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import AbstractSet, Literal, Sequence
 
 import numpy as np
 
@@ -83,9 +83,13 @@ _ATTENTION_RE = re.compile(r"scaled_dot_product|flash|fmha|attention|efficient_a
 _KERNEL_GEMM_RE = re.compile(r"gemm|cutlass|cublas|matmul|wgmma|\bmm\b", re.I)
 
 
+AUTOGRAD_NODE = "autograd::engine::evaluate_function: "
+
+
 def _aten_name(name: str) -> str:
-    """'aten::addmm' → 'addmm'; backward nodes keep their name ('AddmmBackward0')."""
-    return name.split("::", 1)[1] if name.startswith("aten::") else name
+    """'aten::addmm' → 'addmm'; backward nodes keep their name ('AddmmBackward0', also from
+    the profiler's 'autograd::engine::evaluate_function: AddmmBackward0')."""
+    return name.split("::", 1)[1] if name.startswith("aten::") else name.removeprefix(AUTOGRAD_NODE)
 
 
 def classify(name: str) -> OpKind:
@@ -106,17 +110,35 @@ def classify(name: str) -> OpKind:
     return "other"
 
 
+# Ops that return views or metadata: their time is dispatch overhead, whatever the size of
+# the tensors (measured on `small`: split / unbind / split_with_sizes of the expert rows kept
+# their time when the rows fell to 0.38x).
+_VIEW_OPS = frozenset({
+    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "slice", "select", "narrow", "as_strided",
+    "expand", "unsqueeze", "squeeze", "split", "split_with_sizes", "unbind", "chunk", "detach", "alias",
+    "unflatten", "flatten", "view_as", "expand_as",
+})
+
+
+def is_view(name: str) -> bool:
+    """True for an aten op that returns a view (no data moves, its time does not grow)."""
+    return _aten_name(name) in _VIEW_OPS
+
+
 # ---------------------------------------------------------------------------------------
 # work from shapes
 
 
 @dataclass(frozen=True)
 class OpWork:
-    """Work of one op: its kind, FLOPs and bytes read + written (HBM / DRAM traffic)."""
+    """Work of one op: its kind, FLOPs and bytes read + written (HBM / DRAM traffic);
+    fixed_bytes: the part of `bytes` that does not grow with the tokens (weights read,
+    weight gradients written), which a batch or routing what-if keeps."""
 
     kind: OpKind
     flops: float
     bytes: float
+    fixed_bytes: float = 0.0
 
 
 def _numel(dims: Sequence[int]) -> int:
@@ -147,7 +169,8 @@ def _matmul_out(a: list[int], b: list[int]) -> tuple[float, list[int]]:
     return 2.0 * _numel(batch) * m * k * n, batch + [m, n]
 
 
-def op_work(name: str, input_dims: Sequence | None, input_types: Sequence[str] | None) -> OpWork:
+def op_work(name: str, input_dims: Sequence | None, input_types: Sequence[str] | None,
+            weights: AbstractSet[tuple] = frozenset()) -> OpWork:
     """FLOPs and bytes of an aten op from its profiler `Input Dims` / `Input type` args.
 
     Counting rules (forward ops; autograd backward nodes are parents of aten ops that the
@@ -157,13 +180,19 @@ def op_work(name: str, input_dims: Sequence | None, input_types: Sequence[str] |
       scaled_dot_product_attention q[B,H,L,E] k[B,H,S,E] v[B,H,S,Ev]: 2BHLS(E+Ev) + 5BHLS
       (causal masks are ignored: the per-kind fit absorbs the constant factor);
       elementwise: 1 FLOP per output element; norms / softmax: 5 per element;
-      movement: 0 FLOPs. Bytes: every tensor input read once + the output written once.
+      movement: 0 FLOPs. Bytes: every tensor input read once + the output written once;
+      views (is_view) move none.
     einsum's equation is not recorded, so it is composite (0 work; its bmm child counts).
+    Fixed bytes: linear's weight and bias; a grouped GEMM's per-group weights (or the weight
+    gradient it writes); addmm's bias and weight when its first input is a bias vector; for
+    other GEMMs any input or output whose shape (2-D: or its transpose) is in `weights`,
+    the weight shapes of the same trace's linear ops (attach_work collects them), so a
+    backward mm reading a weight or writing its gradient keeps those bytes fixed.
     """
     kind = classify(name)
     base = _aten_name(name)
     tensors = _tensors(input_dims or [], input_types or [])
-    if not tensors or base[:1].isupper() or base == "einsum":
+    if not tensors or base[:1].isupper() or base == "einsum" or base in _VIEW_OPS:
         return OpWork(kind, 0.0, 0.0)
     item = tensors[0][1]
     in_bytes = float(sum(_numel(s) * it for s, it in tensors))
@@ -212,7 +241,30 @@ def op_work(name: str, input_dims: Sequence | None, input_types: Sequence[str] |
                 out_shape = [sum(_numel(s) for s in shapes)]
     except IndexError:  # fewer tensor args than the op normally has: keep the byte count
         flops = 0.0
-    return OpWork(kind, float(flops), in_bytes + _numel(out_shape) * item)
+    out_bytes = _numel(out_shape) * item
+    return OpWork(kind, float(flops), in_bytes + out_bytes, _fixed_bytes(base, kind, tensors, out_shape, out_bytes, weights))
+
+
+def _fixed_bytes(base: str, kind: str, tensors: list, out_shape: list, out_bytes: float, weights: AbstractSet[tuple]) -> float:
+    """op_work's fixed bytes (see there)."""
+    def is_weight(shape: Sequence[int]) -> bool:
+        return tuple(shape) in weights or (len(shape) == 2 and (shape[1], shape[0]) in weights)
+
+    def nbytes(t: tuple) -> float:
+        return float(_numel(t[0]) * t[1])
+
+    if base == "linear":
+        return sum(nbytes(t) for t in tensors[1:3])
+    if kind == "grouped_gemm" and len(tensors) >= 2:
+        a, b = tensors[0][0], tensors[1][0]
+        if len(a) == 2 and len(b) == 3:
+            return nbytes(tensors[1])
+        return float(out_bytes) if len(a) == 3 and len(b) == 2 else 0.0
+    if kind != "gemm":
+        return 0.0
+    if base in ("addmm", "_addmm_activation") and len(tensors) >= 3 and len(tensors[0][0]) == 1:
+        return nbytes(tensors[0]) + nbytes(tensors[2])
+    return sum(nbytes(t) for t in tensors if is_weight(t[0])) + (float(out_bytes) if is_weight(out_shape) else 0.0)
 
 
 # ---------------------------------------------------------------------------------------

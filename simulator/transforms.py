@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from simulator.costmodel import CostModel, classify
+from simulator.costmodel import CostModel, classify, is_view
 from simulator.errors import SimulationError
 
 WAIT_RE = re.compile(r"wait", re.I)
@@ -54,6 +54,12 @@ FIXED_LABEL_PREFIXES = ("grad_sync", "Optimizer", "optimizer")
 # Collectives smaller than this are metadata (split counts), not token payloads.
 METADATA_BYTES = 4096
 LAYER_LABEL_RE = re.compile(r"^L(\d+)/(\w+)$")
+# The blocks scale_experts moves, forward and (":bwd", GPU traces) backward.
+EXPERT_LABEL_RE = re.compile(r"^L(\d+)/(experts|dispatch|combine)(?::bwd)?$")
+# scale_experts: in dispatch / combine, a gather, scatter or elementwise op moving at least
+# this much works on the FFN rows (x[token_M], y * weights, index_add); smaller ones work on
+# split counts and slot indices (argsort, bincount over all T·K slots are kind "other").
+ROW_OP_BYTES = 64 * 1024
 
 
 @dataclass
@@ -78,6 +84,8 @@ class StepGraph:
     pos: np.ndarray  # order within its (rank, lane)
     steps_used: int = 1
     notes: dict = field(default_factory=dict)
+    # of `bytes`, what does not grow with tokens (weights; calibrate.attach_work); None: all grows
+    fixed_bytes: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -238,7 +246,8 @@ def step_graph(ops: pa.Table, steps: list[int] | None = None, stat: str = "mean"
     if stat not in ("mean", "median"):
         raise SimulationError(f"step_graph: stat {stat!r}, expected mean or median")
     reduce = np.mean if stat == "mean" else np.median
-    rows = {c: ops.column(c).to_numpy() if c in ("id", "rank", "start_us", "dur_us", "flops", "bytes", "coll_bytes", "seq", "step")
+    rows = {c: ops.column(c).to_numpy() if c in ("id", "rank", "start_us", "dur_us", "flops", "bytes", "coll_bytes", "seq", "step",
+                                                 "fixed_bytes")
             else ops.column(c).to_pylist() for c in ops.column_names}
     # gloo runs a collective on whichever of its worker threads is free ("cpu:gloo",
     # "cpu:gloo/1"), differently from step to step; the code under test never has two
@@ -286,6 +295,8 @@ def _assemble(rows: dict, ranks: list[int], prepared: dict, used: list[int], red
         for k, i in enumerate(idx0):
             for c in ("rank", "lane", "kind", "name", "label", "flops", "bytes", "coll", "group", "coll_bytes", "splits"):
                 cols[c].append(rows[c][i])
+            if "fixed_bytes" in rows:
+                cols["fixed_bytes"].append(rows["fixed_bytes"][i])
             cols["deps"].append(sorted({d + offset for d in deps0[k]}))
             cols["pos"].append(k)
         offset += len(idx0)
@@ -298,6 +309,7 @@ def _assemble(rows: dict, ranks: list[int], prepared: dict, used: list[int], red
         coll_bytes=np.asarray(cols["coll_bytes"], dtype=float), splits=[list(s or []) for s in cols["splits"]],
         seq=np.full(n, -1, dtype=np.int64), deps=cols["deps"], pos=np.asarray(cols["pos"], dtype=float),
         steps_used=len(used), notes={"steps": used, "steps_skipped": skipped},
+        fixed_bytes=np.asarray(cols["fixed_bytes"], dtype=float) if "fixed_bytes" in rows else None,
     )
     if len(used) == 1:  # one step: where its ops ran (one clock for all ranks of a host)
         idx = np.asarray([i for r in ranks for i in prepared[first][r][0]], dtype=np.int64)
@@ -337,8 +349,9 @@ def scale_work(g: StepGraph, model: CostModel, token_scale: float, attention_sca
     token_scale · seq_scale; default token_scale). Gradient sync and optimizer stay fixed.
 
     Each compute op's duration is rescaled by the cost model's ratio
-    predict(new work) / predict(old work), so a fixed per-op overhead does not grow; ops
-    without known work keep min(dur, overhead) and scale the rest. Token payload
+    predict(new work) / predict(old work), so a fixed per-op overhead does not grow, nor do
+    the bytes of weights (g.fixed_bytes, from calibrate.attach_work); ops without known work
+    keep min(dur, overhead) and scale the rest. Token payload
     collectives scale their bytes; metadata ones (< METADATA_BYTES) do not.
     """
     if token_scale <= 0:
@@ -358,24 +371,37 @@ def scale_work(g: StepGraph, model: CostModel, token_scale: float, attention_sca
         if g.kind[i] not in ("compute", "host", "sync", "memory"):
             continue
         attn = classify(g.name[i]) == "attention"
-        f_scale = attention_scale if attn else token_scale
-        g.dur_us[i] = _rescaled_us(model, g.name[i], g.dur_us[i], g.flops[i], g.bytes[i], f_scale, token_scale)
-        g.flops[i] *= f_scale
-        g.bytes[i] *= token_scale
+        _rescale(g, model, i, attention_scale if attn else token_scale, token_scale)
     g.notes.setdefault("transforms", []).append({"scale_work": {"token_scale": token_scale, "attention_scale": attention_scale}})
     return g
 
 
 def _scale_gpu_work(g: StepGraph, model: CostModel, token_scale: float, attention_scale: float) -> StepGraph:
     """scale_work on a GPU trace. The host side (CPU lanes: dispatch and launches) keeps its
-    time, which does not grow with tokens. A kernel's duration follows the cost model's
-    ratio for the op that launched it: the first piece of the top-level CPU op holding the
+    time, which does not grow with tokens; kernels scale as _scale_kernels says (attention
+    kernels' FLOPs by attention_scale)."""
+    g = g.copy()
+
+    def pick(i: int, op: int) -> tuple[float, float] | None:
+        if _fixed(g.label[i]) or g.kind[i] == "comm":
+            return None
+        attn = classify(g.name[op] if op >= 0 else g.name[i]) == "attention"
+        return (attention_scale if attn else token_scale), token_scale
+
+    _scale_kernels(g, model, pick)
+    g.notes.setdefault("transforms", []).append(
+        {"scale_work": {"token_scale": token_scale, "attention_scale": attention_scale, "gpu": True}})
+    return g
+
+
+def _scale_kernels(g: StepGraph, model: CostModel, pick) -> None:
+    """Scale the GPU ops of g in place. pick(i, op) → (FLOP scale, byte scale), or None to
+    leave op i alone; op is the CPU op that launched it (or -1). A kernel's duration follows
+    the cost model's ratio for that op: the first piece of the top-level CPU op holding the
     launch call, where the trace's shapes put the FLOPs and bytes (calibrate.attach_work; a
     GPU calibration's fits are kernel times). A kernel whose op has no known work, and a copy
-    of a token payload, keep their kind's overhead and scale the rest with the tokens
-    (attention kernels by attention_scale); copies under METADATA_BYTES stay as they are.
-    """
-    g = g.copy()
+    of a token payload, keep their kind's overhead and scale the rest; copies under
+    METADATA_BYTES stay as they are."""
     order: dict[int, tuple[list[int], int]] = {}  # op → (its lane's ops in order, its position)
     for (_, lane), ops in g.lanes().items():
         if lane.startswith("cpu:"):
@@ -403,57 +429,108 @@ def _scale_gpu_work(g: StepGraph, model: CostModel, token_scale: float, attentio
             k += 1
         return ops[k]
 
+    owners: dict[int, tuple[float, float]] = {}  # launching op → its scales, applied once at the end
     for i in range(g.n):
-        if not g.lane[i].startswith("cuda:") or _fixed(g.label[i]) or g.kind[i] == "comm":
+        if not g.lane[i].startswith("cuda:"):
             continue
         launches = [d for d in g.deps[i] if d in order]
         op = owner(launches[0]) if launches else -1
-        attn = classify(g.name[op] if op >= 0 else g.name[i]) == "attention"
-        f_scale = attention_scale if attn else token_scale
+        scales = pick(i, op)
+        if scales is None:
+            continue
+        f_scale, b_scale = scales
         if op >= 0 and g.flops[op] + g.bytes[op] > 0:
             old = model.predict_op_us(g.name[op], g.flops[op], g.bytes[op])
-            new = model.predict_op_us(g.name[op], g.flops[op] * f_scale, g.bytes[op] * token_scale)
+            new = model.predict_op_us(g.name[op], g.flops[op] * f_scale, _scaled_bytes(g, op, b_scale))
             if old > 0:
                 g.dur_us[i] *= new / old
+                owners[op] = scales
                 continue
         if g.kind[i] == "memory" and g.bytes[i] < METADATA_BYTES:
             continue
         fixed = min(g.dur_us[i], model.overhead_us(g.name[op] if op >= 0 else g.name[i]))
         g.dur_us[i] = fixed + (g.dur_us[i] - fixed) * f_scale
-        g.bytes[i] *= token_scale if g.kind[i] == "memory" else 1.0
-    g.notes.setdefault("transforms", []).append(
-        {"scale_work": {"token_scale": token_scale, "attention_scale": attention_scale, "gpu": True}})
-    return g
+        g.bytes[i] *= b_scale if g.kind[i] == "memory" else 1.0
+    for op, (f_scale, b_scale) in owners.items():  # the host op keeps its time; its work moved
+        g.bytes[op] = _scaled_bytes(g, op, b_scale)
+        g.flops[op] *= f_scale
 
 
-def _rescaled_us(model: CostModel, name: str, dur: float, flops: float, nbytes: float, f_scale: float, b_scale: float) -> float:
+def _scaled_bytes(g: StepGraph, i: int, scale: float) -> float:
+    """Op i's bytes with the part that grows with tokens scaled (weights stay)."""
+    fixed = min(float(g.fixed_bytes[i]), float(g.bytes[i])) if g.fixed_bytes is not None else 0.0
+    return fixed + (float(g.bytes[i]) - fixed) * scale
+
+
+def _rescale(g: StepGraph, model: CostModel, i: int, f_scale: float, b_scale: float) -> None:
+    """Op i (in place): FLOPs × f_scale, its token bytes × b_scale, its duration by the cost
+    model's ratio new / old; without known work it keeps min(dur, overhead) and scales the
+    rest by f_scale. A view op keeps its time (costmodel.is_view)."""
+    if is_view(g.name[i]):
+        return
+    new_bytes = _scaled_bytes(g, i, b_scale)
+    dur, flops, nbytes, name = float(g.dur_us[i]), float(g.flops[i]), float(g.bytes[i]), g.name[i]
+    g.flops[i], g.bytes[i] = flops * f_scale, new_bytes
     if flops + nbytes > 0:
         old = model.predict_op_us(name, flops, nbytes)
-        new = model.predict_op_us(name, flops * f_scale, nbytes * b_scale)
         if old > 0:
-            return dur * new / old
+            g.dur_us[i] = dur * model.predict_op_us(name, flops * f_scale, new_bytes) / old
+            return
     fixed = min(dur, model.overhead_us(name))
-    return fixed + (dur - fixed) * f_scale
+    g.dur_us[i] = fixed + (dur - fixed) * f_scale
 
 
-def scale_experts(g: StepGraph, model: CostModel, rows_scale: dict[int, float]) -> StepGraph:
-    """Routing what-if: FFN-expert rows on rank r grow by rows_scale[r] (zero-expert share
-    z → z': (1 − z') / (1 − z) on every rank; skew: per-rank load ratios). Scales the
-    `L*/experts` compute and the dispatch / combine payloads each rank receives / sends."""
+def scale_experts(g: StepGraph, model: CostModel, rows_scale: dict[int, float] | None = None,
+                  layer_scale: dict[int, float] | None = None) -> StepGraph:
+    """Routing what-if: layer l's FFN-expert rows on rank r grow by
+    rows_scale[r] · layer_scale[l] (a missing key: 1). Zero-expert share z → z':
+    layer_scale[l] = (1 − z') / (1 − z_l) (FFN rows per token are top_k · (1 − z)); skew:
+    per-rank load ratios in rows_scale.
+
+    Scales each layer's expert compute (`L{l}/experts`, and the backward where the trace
+    labels it, `L{l}/experts:bwd`: GPU traces, whose backward runs on autograd's thread; a
+    CPU trace's backward is one unlabelled `backward` range that stays as it is), the row
+    gathers / scatters / products of dispatch and combine (movement or elementwise ops of at
+    least ROW_OP_BYTES) and the dispatch / combine payloads (`L{l}/dispatch`, `L{l}/combine`,
+    forward and backward). View ops and weight bytes stay (as in scale_work). On a GPU trace
+    the kernels scale by their launching op's cost-model ratio and host ops keep their time,
+    as in scale_work; collective kernels keep their traced time."""
+    rows_scale, layer_scale = rows_scale or {}, layer_scale or {}
+
+    def scale_of(i: int) -> float:
+        m = EXPERT_LABEL_RE.match(g.label[i])
+        return rows_scale.get(int(g.rank[i]), 1.0) * layer_scale.get(int(m.group(1)), 1.0)
+
+    def block(i: int) -> str:
+        m = EXPERT_LABEL_RE.match(g.label[i])
+        return m.group(2) if m else ""
+
+    def on_rows(i: int, op: int) -> bool:
+        """An op (i, or the op that launched kernel i) whose work grows with the FFN rows."""
+        b, w = block(i), (op if op >= 0 else i)
+        return b == "experts" or (b in ("dispatch", "combine") and classify(g.name[w]) in ("movement", "elementwise")
+                                  and g.bytes[w] >= ROW_OP_BYTES)
+
+    gpu = any(lane.startswith("cuda:") for lane in g.lane)
     g = g.copy()
     for i in range(g.n):
-        m = LAYER_LABEL_RE.match(g.label[i])
-        if not m:
-            continue
-        s = rows_scale.get(int(g.rank[i]), 1.0)
-        if m.group(2) == "experts" and g.kind[i] == "compute":
-            g.dur_us[i] = _rescaled_us(model, g.name[i], g.dur_us[i], g.flops[i], g.bytes[i], s, s)
-            g.flops[i] *= s
-            g.bytes[i] *= s
-        elif m.group(2) in ("dispatch", "combine") and g.kind[i] == "comm" and g.coll_bytes[i] >= METADATA_BYTES:
+        b = block(i)
+        if b in ("dispatch", "combine") and g.kind[i] == "comm" and g.coll_bytes[i] >= METADATA_BYTES:
+            s = scale_of(i)
             g.coll_bytes[i] *= s
             g.splits[i] = [x * s for x in g.splits[i]]
-    g.notes.setdefault("transforms", []).append({"scale_experts": {str(k): v for k, v in rows_scale.items()}})
+        elif g.kind[i] == "compute" and not gpu and on_rows(i, -1):
+            s = scale_of(i)
+            _rescale(g, model, i, s, s)
+    if gpu:
+        def pick(i: int, op: int) -> tuple[float, float] | None:
+            if g.kind[i] == "comm" or not on_rows(i, op):
+                return None
+            s = scale_of(i)
+            return s, s
+        _scale_kernels(g, model, pick)
+    note = {"rows_scale": {str(k): v for k, v in rows_scale.items()}, "layer_scale": {str(k): v for k, v in layer_scale.items()}}
+    g.notes.setdefault("transforms", []).append({"scale_experts": note})
     return g
 
 
@@ -553,6 +630,7 @@ def set_world_size(g: StepGraph, world_size: int) -> StepGraph:
             cols["group"].append(everyone if g.coll[i] else g.group[i])
             for c in ("dur_us", "gap_us", "flops", "bytes", "coll_bytes", "seq", "pos"):
                 cols[c].append(getattr(g, c)[i])
+            cols["fixed_bytes"].append(g.fixed_bytes[i] if g.fixed_bytes is not None else 0.0)
             cols["deps"].append([remap[d] for d in g.deps[i] if d in remap])
     out = StepGraph(
         rank=np.asarray(cols["rank"], dtype=np.int64), lane=cols["lane"], kind=cols["kind"], name=cols["name"],
@@ -562,6 +640,7 @@ def set_world_size(g: StepGraph, world_size: int) -> StepGraph:
         splits=[[] for _ in cols["splits"]],  # per-peer splits no longer fit the new group size
         seq=np.asarray(cols["seq"], dtype=np.int64), deps=cols["deps"], pos=np.asarray(cols["pos"], dtype=float),
         steps_used=g.steps_used,  # per-op notes (arrays) no longer match the ops
+        fixed_bytes=np.asarray(cols["fixed_bytes"], dtype=float) if g.fixed_bytes is not None else None,
         notes={k: v for k, v in g.notes.items() if not isinstance(v, np.ndarray)},
     )
     out.notes.setdefault("transforms", []).append({"set_world_size": world_size})
@@ -612,8 +691,10 @@ def _x(attn: np.ndarray, tokens: float, seq: float) -> np.ndarray:
 
 
 def _block(label: str) -> str:
-    m = LAYER_LABEL_RE.match(label)
-    return m.group(2) if m else label
+    """The block kind of a label, layer dropped: "L3/experts" → "experts", "L3/experts:bwd" →
+    "experts:bwd"; other labels as they are."""
+    m = LAYER_LABEL_RE.match(label.removesuffix(":bwd"))
+    return (m.group(2) + label[len(label.removesuffix(":bwd")):]) if m else label
 
 
 def _group_keys(g: StepGraph) -> tuple[list, list, list]:

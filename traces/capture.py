@@ -74,6 +74,7 @@ class CaptureSpec:
     profiler: bool = True  # False: same steps without torch.profiler (overhead check)
     backend: str = "auto"  # auto: nccl where CUDA is available, else gloo
     seed: int = 0
+    zero_bias: float = 0.0  # added to the routers' correction bias of the zero experts (steers their share)
     fault: str = ""  # tests only: "raise:R", "hang:R" or "raise-after-trace:R"
 
 
@@ -107,6 +108,8 @@ def validate_spec(spec: CaptureSpec) -> None:
         bad("threads", spec.threads, "at least 1")
     if not spec.timeout_s > 0:
         bad("timeout", spec.timeout_s, "a positive number of seconds")
+    if not math.isfinite(spec.zero_bias):
+        bad("zero_bias", spec.zero_bias, "a finite number")
     if spec.fault and not _parse_fault(spec.fault):
         bad("inject_fault", spec.fault, "raise:RANK, hang:RANK or raise-after-trace:RANK")
 
@@ -750,6 +753,7 @@ def build_run_json(spec: CaptureSpec, workload: Any, backend: str, results: list
         "threads": spec.threads,
         "profiler": spec.profiler,
         "seed": spec.seed,
+        "zero_bias": spec.zero_bias,
         "load_1min": results[0].get("load_1min"),  # this machine's 1-min load average, rank 0, over the steps
         "devices": {str(r["rank"]): r["device"] for r in results},
         "hosts": {str(r["rank"]): r["host"] for r in results},
@@ -792,6 +796,7 @@ class Workload:
         self._measured = False
         self._records: list[dict] = []
         _label_model_edges(self.model)
+        self._set_zero_bias(spec.zero_bias)
         self.optimizer = None
         if spec.mode == "train":
             self.model.train()
@@ -813,9 +818,20 @@ class Workload:
                                f"{spec.mode} ({spec.preset}, seed {spec.seed}, context {spec.context})")
         self.spec = spec
         self.model.expert_parallel.schedule = spec.schedule
+        self._set_zero_bias(spec.zero_bias)
         self.batch_per_rank = spec.batch // self.world_size
         self.tokens_per_step = self.batch_per_rank * spec.seq
         self._records = []
+
+    def _set_zero_bias(self, bias: float) -> None:
+        """Every router's correction bias: `bias` on the zero experts, 0 on the FFN ones (the
+        bias only changes which experts are chosen, never their weights)."""
+        from model.moe import Router
+
+        for module in self.model.modules():
+            if isinstance(module, Router):
+                module.e_score_correction_bias.zero_()
+                module.e_score_correction_bias[module.n_routed_experts:] = bias
 
     def _tokens(self, step: int, length: int) -> Any:
         import torch

@@ -1,6 +1,7 @@
 """What-if transforms on hand-built traces with closed-form answers."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from simulator.costmodel import CostModel, DeviceSpec, KindFit
@@ -127,6 +128,25 @@ def test_scale_work_closed_form():
     rows_e = [dict(id=0, name="aten::linear", label="L0/experts", start_us=0, dur_us=15, flops=10e6, step=0, rank=1)]
     ge = scale_experts(step_graph(_table(rows_e)), _fit_model(), {1: 0.5})
     assert ge.dur_us[0] == pytest.approx(15 * (5 + 5) / 15)
+
+
+def test_scaling_keeps_weight_bytes():
+    """A linear x[M,K] w[N,K] with M tokens: doubling the tokens doubles its FLOPs and its
+    activation bytes (x and the output), not the weight's; with a bytes-only cost model
+    (1 µs per MB, no overhead) the duration follows those bytes exactly."""
+    M, K, N = 64, 512, 1024
+    act, weight = 4 * (M * K + M * N), 4 * N * K
+    rows = [dict(id=0, name="aten::linear", label="L0/experts", start_us=0, dur_us=30.0, flops=2 * M * K * N,
+                 bytes=act + weight, step=0)]
+    table = _table(rows).append_column("fixed_bytes", pa.array([float(weight)]))
+    g = step_graph(table)
+    assert g.fixed_bytes.tolist() == [weight]
+    bytes_only = CostModel(DeviceSpec("cpu", 1e12, 1e10, 1.0), {"gemm": KindFit("gemm", 0.0, 0.0, 1.0, "sum", 3, 0.0)})
+    for moved in (scale_work(g, bytes_only, 2.0), scale_experts(g, bytes_only, layer_scale={0: 2.0})):
+        assert moved.bytes[0] == 2 * act + weight and moved.flops[0] == 4 * M * K * N
+        assert moved.dur_us[0] == pytest.approx(30.0 * (2 * act + weight) / (act + weight))
+    # without the column every byte grows, as before
+    assert scale_work(step_graph(_table(rows)), bytes_only, 2.0).dur_us[0] == pytest.approx(60.0)
 
 
 def _layer_rows(order):

@@ -178,6 +178,21 @@ def _check_backward_labels(run_dir):
     assert all(o["label"].endswith(":bwd") for o in ops if o["name"].startswith("autograd::engine::evaluate_function: Mm"))
 
 
+def test_zero_bias_steers_the_zero_expert_share(tmp_path):
+    """--zero-bias adds to the routers' correction bias of the zero experts: the share of
+    slots they take (counted by the routing records into run.json) rises with it, and the
+    run says which bias it ran with. Same weights and tokens, so only the bias differs."""
+    shares = {}
+    for bias in ("-0.05", "0", "0.05"):
+        out = tmp_path / bias
+        assert main(["profile", "--preset", "tiny", "--world-size", "1", "--batch", "2", "--seq", "16", "--steps", "1",
+                     "--warmup", "0", "--no-profiler", "--zero-bias", bias, "--out", str(out)]) == 0
+        run = read_run_json(out)
+        assert run["zero_bias"] == float(bias)
+        shares[bias] = [r["zero_expert_share"] for r in run["routing"].values()]
+    assert all(lo < mid < hi for lo, mid, hi in zip(shares["-0.05"], shares["0"], shares["0.05"])), shares
+
+
 def test_a_raising_rank_fails_the_run_and_finished_traces_are_kept(tmp_path, capsys):
     # Rank 1 raises after writing its trace, before the results are gathered: rank 0 is then
     # stuck in the gather until it is stopped.
@@ -210,6 +225,7 @@ def test_a_hanging_rank_is_stopped_at_the_timeout(tmp_path, capsys):
     (["--mode", "serve"], "--mode serve: expected prefill, decode, train"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--world-size", "3", "--batch", "3"], "4 FFN experts, which must split evenly"),
+    (["--zero-bias", "nan"], "--zero-bias nan: expected a finite number"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
     assert main(["profile", "--out", str(tmp_path / "x"), "--preset", "tiny", *args]) == 2
