@@ -35,9 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="weights and data seed (default 0)")
     parser.add_argument("--no-profiler", action="store_true", help="same run without torch.profiler (no traces)")
     parser.add_argument("--zero-bias", type=float, default=0.0,
-                        help="add this to every router's correction bias of the zero-computation experts: positive "
-                             "routes more slots to them, negative fewer (router scores are softmax probabilities, "
-                             "~1/experts each); the share reached is in run.json's routing (default 0)")
+                        help="set every router's correction bias of the zero-computation experts to this (the FFN "
+                             "experts' stays 0): positive routes more slots to them, negative fewer (router scores are "
+                             "softmax probabilities, ~1/experts each); the share reached is in run.json's routing "
+                             "(default 0)")
     parser.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)  # tests: raise:R / hang:R
 
 

@@ -111,6 +111,10 @@ def _zero_share_scales(live: dict, run_json: Path, to_share: float) -> dict[int,
     if not shares:
         raise UsageError(f"--to-zero-share: {run_json} holds no routing.*.zero_expert_share (a run dir written by "
                          "`moesim profile`)")
+    for layer, z in sorted(shares.items()):
+        if not 0 <= z < 1:  # (NaN fails too) at 1 no FFN rows ran: nothing to scale from
+            raise UsageError(f"--to-zero-share: {run_json} routing.{layer}.zero_expert_share is {z}; "
+                             "the run's layers need FFN rows (0 <= share < 1) to be scaled")
     return {layer: (1 - to_share) / (1 - z) for layer, z in shares.items()}
 
 

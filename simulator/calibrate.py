@@ -43,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,6 +51,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from simulator.costmodel import (
+    AUTOGRAD_NODE,
     DEVICES,
     CommModel,
     CostModel,
@@ -573,20 +575,43 @@ class _EventColumns:
 
 class _NestedWork:
     """Work of one rank's CPU op events: op_work from an event's own shapes, else the sum
-    over the outermost events with work nested in it on its thread."""
+    over the outermost events with work nested in it on its thread. An autograd node's fixed
+    bytes are twice its forward op's (the weight read again, its gradient written): `flows`
+    holds the trace's fwdbwd pairs ((ts, tid) of the forward side, of the backward side)."""
 
-    def __init__(self, tf: _EventColumns, weights: set) -> None:
-        self.tf, self.weights = tf, weights
+    def __init__(self, tf: _EventColumns, flows: list[tuple[tuple, tuple]]) -> None:
+        self.tf = tf
         self.own: dict[int, OpWork] = {}
         by_thread: dict = {}
         for i in sorted(range(len(tf.name)), key=lambda i: (tf.ts_us[i], -tf.dur_us[i])):
             by_thread.setdefault(tf.tid[i], []).append(i)
         self.by_thread = {t: (np.asarray(ix), tf.ts_us[ix]) for t, ix in by_thread.items()}
+        self.tops: dict = {}  # thread → (top-level event indices, their starts)
+        for t, (ix, _) in self.by_thread.items():
+            tops, covered = [], -math.inf
+            for i in ix.tolist():
+                if tf.ts_us[i] >= covered:
+                    tops.append(i)
+                    covered = tf.ts_us[i] + tf.dur_us[i]
+            self.tops[t] = (np.asarray(tops, dtype=np.int64), tf.ts_us[tops] if tops else np.zeros(0))
+        self.node_fixed: dict[int, float] = defaultdict(float)
+        for (f_ts, f_tid), (b_ts, b_tid) in flows:
+            fwd, node = self._top_at(f_tid, f_ts), self._top_at(b_tid, b_ts)
+            if fwd >= 0 and node >= 0:
+                self.node_fixed[node] += 2 * self.own_work(fwd).fixed_bytes
+
+    def _top_at(self, tid, t: float) -> int:
+        """The top-level event of thread tid running at time t, or -1."""
+        tops, starts = self.tops.get(tid, (np.zeros(0, dtype=np.int64), np.zeros(0)))
+        k = int(np.searchsorted(starts, t, side="right")) - 1
+        if k < 0 or t > self.tf.ts_us[tops[k]] + self.tf.dur_us[tops[k]]:
+            return -1
+        return int(tops[k])
 
     def own_work(self, i: int) -> OpWork:
         if i not in self.own:
             a = self.tf.args[i]
-            self.own[i] = (op_work(self.tf.name[i], a.get("Input Dims"), a.get("Input type"), self.weights)
+            self.own[i] = (op_work(self.tf.name[i], a.get("Input Dims"), a.get("Input type"))
                            if a is not None else OpWork(classify(self.tf.name[i]), 0.0, 0.0))
         return self.own[i]
 
@@ -606,7 +631,7 @@ class _NestedWork:
             if c.flops > 0 or c.bytes > 0:
                 flops, nbytes, fixed = flops + c.flops, nbytes + c.bytes, fixed + c.fixed_bytes
                 covered = tf.ts_us[j] + tf.dur_us[j]
-        return OpWork(w.kind, flops, nbytes, fixed)
+        return OpWork(w.kind, flops, nbytes, min(max(fixed, self.node_fixed.get(i, 0.0)), nbytes))
 
 
 def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
@@ -620,8 +645,8 @@ def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
     `autograd::engine::evaluate_function: MmBackward0`) takes the summed work of the
     outermost ops with work nested in it on its thread. Ops already carrying work, and ops
     without a match, are left as they are. Adds a `fixed_bytes` column beside the schema's
-    (op_work: weight bytes, which scaling keeps; step_graph carries it into the StepGraph),
-    with the weight shapes op_work needs taken from each rank's `aten::linear` events.
+    (op_work: weight bytes, which scaling keeps; step_graph carries it into the StepGraph);
+    an autograd node's are twice its forward op's, found through the trace's fwdbwd flows.
     """
     import numpy as np
     import pyarrow as pa
@@ -634,11 +659,15 @@ def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
     paths = trace_files(run_dir)
     if not paths:
         raise SimulationError(f"{run_dir}: no Kineto traces to take shapes from")
-    by_rank = {}
+    by_rank, flows = {}, {}
     for k, path in enumerate(paths):
         doc = read_trace(path)
         rank = (doc.get("distributedInfo") or {}).get("rank", k)
-        timed = [e for e in doc.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+        events = doc.get("traceEvents", [])
+        timed = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "Operator")]
+        ends = {e.get("id"): e for e in events if e.get("ph") == "f" and e.get("cat") == "fwdbwd"}
+        flows[int(rank)] = [((float(e.get("ts", 0)), e.get("tid")), (float(ends[e["id"]].get("ts", 0)), ends[e["id"]].get("tid")))
+                            for e in events if e.get("ph") == "s" and e.get("cat") == "fwdbwd" and e.get("id") in ends]
         by_rank[int(rank)] = _EventColumns(
             name=[e.get("name", "") for e in timed],
             args=[e["args"] if isinstance(e.get("args"), dict) and "Input Dims" in e["args"] else None for e in timed],
@@ -656,10 +685,7 @@ def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
              else np.zeros(ops.num_rows))
     for rank, tf in by_rank.items():
         rows = np.flatnonzero(rank_col == rank)
-        weights = {tuple(a["Input Dims"][1]) for nm, a in zip(tf.name, tf.args)
-                   if a is not None and nm == "aten::linear" and len(a.get("Input Dims") or []) > 1
-                   and isinstance(a["Input Dims"][1], list) and len(a["Input Dims"][1]) == 2}
-        nested = _NestedWork(tf, weights)
+        nested = _NestedWork(tf, flows.get(rank, []))
         ev_by_name: dict[str, list[int]] = {}
         for i, nm in enumerate(tf.name):
             ev_by_name.setdefault(nm, []).append(i)
@@ -701,7 +727,9 @@ def attach_work(ops: "pa.Table", run_dir: str | os.PathLike) -> "pa.Table":
 
 def fit_from_ops(ops: "pa.Table", base: CostModel, min_points: int = 3) -> CostModel:
     """Refine `base` with fits on a trace's own compute ops (work attached): one fit per op
-    name seen at ≥ min_points distinct sizes, then per kind; `base` fills the rest."""
+    name seen at ≥ min_points distinct sizes, then per kind; `base` fills the rest. Autograd
+    nodes (work summed from the ops nested in them, node overhead included) get fits of
+    their own name only: they would skew their kind's fit."""
     import numpy as np
 
     kind = np.asarray(ops.column("kind").to_pylist())
@@ -712,8 +740,9 @@ def fit_from_ops(ops: "pa.Table", base: CostModel, min_points: int = 3) -> CostM
     y = ops.column("dur_us").to_numpy()[sel]
     has_work = (f + b) > 0
     kinds = np.asarray([classify(n) for n in names])
+    own = has_work & ~np.char.startswith(names.astype(str), AUTOGRAD_NODE)
     fits = dict(base.fits)
-    by_kind = fit_cost_model(base.device, kinds[has_work], f[has_work], b[has_work], y[has_work], min_points)
+    by_kind = fit_cost_model(base.device, kinds[own], f[own], b[own], y[own], min_points)
     fits.update(by_kind.fits)
     for name in sorted(set(names[has_work].tolist())):
         m = has_work & (names == name)

@@ -32,7 +32,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
-from typing import AbstractSet, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -114,10 +114,10 @@ def classify(name: str) -> OpKind:
 # the tensors (measured on `small`: split / unbind / split_with_sizes of the expert rows kept
 # their time when the rows fell to 0.38x).
 _VIEW_OPS = frozenset({
-    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "slice", "select", "narrow", "as_strided",
+    "view", "_unsafe_view", "t", "transpose", "permute", "slice", "select", "narrow", "as_strided",
     "expand", "unsqueeze", "squeeze", "split", "split_with_sizes", "unbind", "chunk", "detach", "alias",
-    "unflatten", "flatten", "view_as", "expand_as",
-})
+    "view_as", "expand_as",
+})  # (reshape / flatten copy when they must: the copy nested in them counts)
 
 
 def is_view(name: str) -> bool:
@@ -169,8 +169,7 @@ def _matmul_out(a: list[int], b: list[int]) -> tuple[float, list[int]]:
     return 2.0 * _numel(batch) * m * k * n, batch + [m, n]
 
 
-def op_work(name: str, input_dims: Sequence | None, input_types: Sequence[str] | None,
-            weights: AbstractSet[tuple] = frozenset()) -> OpWork:
+def op_work(name: str, input_dims: Sequence | None, input_types: Sequence[str] | None) -> OpWork:
     """FLOPs and bytes of an aten op from its profiler `Input Dims` / `Input type` args.
 
     Counting rules (forward ops; autograd backward nodes are parents of aten ops that the
@@ -184,10 +183,10 @@ def op_work(name: str, input_dims: Sequence | None, input_types: Sequence[str] |
       views (is_view) move none.
     einsum's equation is not recorded, so it is composite (0 work; its bmm child counts).
     Fixed bytes: linear's weight and bias; a grouped GEMM's per-group weights (or the weight
-    gradient it writes); addmm's bias and weight when its first input is a bias vector; for
-    other GEMMs any input or output whose shape (2-D: or its transpose) is in `weights`,
-    the weight shapes of the same trace's linear ops (attach_work collects them), so a
-    backward mm reading a weight or writing its gradient keeps those bytes fixed.
+    gradient it writes); addmm's bias and weight when its first input is a bias vector.
+    Shapes alone cannot tell a plain mm's weight from an activation (a [2048, 2048] weight
+    and 2,048 tokens of width 2,048 look alike): a backward node's fixed bytes come from its
+    forward op instead (calibrate.attach_work, through the fwdbwd flows).
     """
     kind = classify(name)
     base = _aten_name(name)
@@ -242,14 +241,11 @@ def op_work(name: str, input_dims: Sequence | None, input_types: Sequence[str] |
     except IndexError:  # fewer tensor args than the op normally has: keep the byte count
         flops = 0.0
     out_bytes = _numel(out_shape) * item
-    return OpWork(kind, float(flops), in_bytes + out_bytes, _fixed_bytes(base, kind, tensors, out_shape, out_bytes, weights))
+    return OpWork(kind, float(flops), in_bytes + out_bytes, _fixed_bytes(base, kind, tensors, out_bytes))
 
 
-def _fixed_bytes(base: str, kind: str, tensors: list, out_shape: list, out_bytes: float, weights: AbstractSet[tuple]) -> float:
+def _fixed_bytes(base: str, kind: str, tensors: list, out_bytes: float) -> float:
     """op_work's fixed bytes (see there)."""
-    def is_weight(shape: Sequence[int]) -> bool:
-        return tuple(shape) in weights or (len(shape) == 2 and (shape[1], shape[0]) in weights)
-
     def nbytes(t: tuple) -> float:
         return float(_numel(t[0]) * t[1])
 
@@ -260,11 +256,9 @@ def _fixed_bytes(base: str, kind: str, tensors: list, out_shape: list, out_bytes
         if len(a) == 2 and len(b) == 3:
             return nbytes(tensors[1])
         return float(out_bytes) if len(a) == 3 and len(b) == 2 else 0.0
-    if kind != "gemm":
-        return 0.0
     if base in ("addmm", "_addmm_activation") and len(tensors) >= 3 and len(tensors[0][0]) == 1:
         return nbytes(tensors[0]) + nbytes(tensors[2])
-    return sum(nbytes(t) for t in tensors if is_weight(t[0])) + (float(out_bytes) if is_weight(out_shape) else 0.0)
+    return 0.0
 
 
 # ---------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ FIXED_LABEL_PREFIXES = ("grad_sync", "Optimizer", "optimizer")
 # Collectives smaller than this are metadata (split counts), not token payloads.
 METADATA_BYTES = 4096
 LAYER_LABEL_RE = re.compile(r"^L(\d+)/(\w+)$")
-# The blocks scale_experts moves, forward and (":bwd", GPU traces) backward.
+# The blocks scale_experts moves, forward and (":bwd") backward.
 EXPERT_LABEL_RE = re.compile(r"^L(\d+)/(experts|dispatch|combine)(?::bwd)?$")
 # scale_experts: in dispatch / combine, a gather, scatter or elementwise op moving at least
 # this much works on the FFN rows (x[token_M], y * weights, index_add); smaller ones work on
@@ -158,7 +158,7 @@ def _prepare_rank_step(rows: dict[str, np.ndarray | list], idx: np.ndarray) -> t
             continue  # a GPU idles only until its next launch arrives: the launch dep says when
         for a, b in zip(ks, ks[1:]):
             gap[b] = max(start[b] - end[a], 0.0)
-    _join_backward_thread(by_lane, [rows["label"][i] for i in idx], start, end, gap, deps)
+    _join_backward_thread(by_lane, [rows["label"][i] for i in idx], kind, start, end, gap, deps)
     next_on_lane = {a: b for ks in by_lane.values() for a, b in zip(ks, ks[1:])}
     for k in range(len(idx)):  # a host sync waits for GPU ops: only the time after them is its own
         gpu_deps = [d for d in deps[k] if lane[d].startswith("cuda:")]
@@ -209,18 +209,21 @@ def _prepare_rank_step(rows: dict[str, np.ndarray | list], idx: np.ndarray) -> t
     return idx.tolist(), own, gap, deps
 
 
-def _join_backward_thread(by_lane: dict[str, list[int]], label: list[str], start: np.ndarray, end: np.ndarray,
-                          gap: np.ndarray, deps: list[list[int]]) -> None:
-    """CUDA autograd runs the backward pass on a thread of its own (labels ending ":bwd",
-    traces/lanes.py) while the Python thread waits in backward(): the worker's first op
-    waits for the main-lane op that started the backward, and the first main-lane op after
-    the worker's last op waits for it; neither idle time is host time of its own."""
+def _join_backward_thread(by_lane: dict[str, list[int]], label: list[str], kind: list[str], start: np.ndarray,
+                          end: np.ndarray, gap: np.ndarray, deps: list[list[int]]) -> None:
+    """CUDA autograd runs the backward pass on a thread of its own (a CPU lane other than
+    cpu:main whose own work is labelled ":bwd", traces/lanes.py) while the Python thread waits
+    in backward(): the worker's first op waits for the main-lane op that started the
+    backward, and the first main-lane op after the worker's last op waits for it; neither
+    idle time is host time of its own. A collective lane (gloo's workers, whose transfers
+    take the ":bwd" label of the backward op that issued them) is not such a thread."""
     main = by_lane.get("cpu:main")
     if not main:
         return
     main_start = start[main]
     for ln, ks in by_lane.items():
-        if not ln.startswith("cpu:") or ln == "cpu:main" or not any(label[k].endswith(":bwd") for k in ks):
+        if (not ln.startswith("cpu:") or ln == "cpu:main"
+                or not any(label[k].endswith(":bwd") and kind[k] != "comm" for k in ks)):
             continue
         first, last = ks[0], ks[-1]
         j_start = int(np.searchsorted(main_start, start[first], side="right")) - 1
@@ -487,9 +490,9 @@ def scale_experts(g: StepGraph, model: CostModel, rows_scale: dict[int, float] |
     layer_scale[l] = (1 − z') / (1 − z_l) (FFN rows per token are top_k · (1 − z)); skew:
     per-rank load ratios in rows_scale.
 
-    Scales each layer's expert compute (`L{l}/experts`, and the backward where the trace
-    labels it, `L{l}/experts:bwd`: GPU traces, whose backward runs on autograd's thread; a
-    CPU trace's backward is one unlabelled `backward` range that stays as it is), the row
+    Scales each layer's expert compute (`L{l}/experts` and its backward, `L{l}/experts:bwd`,
+    which traces.lanes labels from the fwdbwd flows; an older trace's plain `backward` range
+    stays as it is), the row
     gathers / scatters / products of dispatch and combine (movement or elementwise ops of at
     least ROW_OP_BYTES) and the dispatch / combine payloads (`L{l}/dispatch`, `L{l}/combine`,
     forward and backward). View ops and weight bytes stay (as in scale_work). On a GPU trace

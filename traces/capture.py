@@ -74,7 +74,7 @@ class CaptureSpec:
     profiler: bool = True  # False: same steps without torch.profiler (overhead check)
     backend: str = "auto"  # auto: nccl where CUDA is available, else gloo
     seed: int = 0
-    zero_bias: float = 0.0  # added to the routers' correction bias of the zero experts (steers their share)
+    zero_bias: float = 0.0  # the routers' correction bias of the zero experts (steers their share)
     fault: str = ""  # tests only: "raise:R", "hang:R" or "raise-after-trace:R"
 
 

@@ -97,7 +97,7 @@ def test_one_train_trace_predicts_the_gpu_bound_size(model):
     not grow or shrink with it)."""
     train = _graph("train")
     predicted = _predict_us(train, model, 16, 512, "sequential")
-    assert predicted == pytest.approx(_live_us("train-b16-t512-sequential-noprof"), rel=0.04)  # +2.3 %
+    assert predicted == pytest.approx(_live_us("train-b16-t512-sequential-noprof"), rel=0.04)  # +1.5 %
     assert predicted > 2.5 * _replay_us(train)
 
 
@@ -212,16 +212,19 @@ def test_attach_work_finds_the_expert_weights_of_the_config():
     ops = attach_work(parse_traces(trace_files(run)), run)
     cfg = json.loads((run / "run.json").read_text())["config"]
     D, I = cfg["hidden_size"], cfg["expert_ffn_hidden_size"]
-    rows = ops.select(["name", "label", "flops", "fixed_bytes"]).to_pylist()
+    rows = ops.select(["name", "label", "flops", "bytes", "fixed_bytes"]).to_pylist()
     fixed = [r["fixed_bytes"] for r in rows if r["name"] == "aten::linear" and r["label"] == "L0/experts" and r["flops"] > 0]
     assert fixed.count(4.0 * 2 * I * D) == fixed.count(4.0 * D * I) == len(fixed) // 2 > 0
     # an autograd node has no shapes of its own: it sums the aten ops nested in it, and each
-    # expert MmBackward0 reads its weight (grad_x = grad_y W) and writes the weight's gradient
+    # expert MmBackward0 reads its forward op's weight (grad_x = grad_y W) and writes the
+    # weight's gradient (found through the fwdbwd flow, not by shape: in `medium` 2,048
+    # tokens of width 2,048 look like the [2I, D] = [2048, 2048] weight)
     nodes = [r["fixed_bytes"] for r in rows if r["name"] == "autograd::engine::evaluate_function: MmBackward0"
              and r["label"] == "L0/experts:bwd" and r["flops"] > 0]
-    # (2 of 384 also count an activation whose [rows, I] happens to match a weight's shape)
-    up, down = nodes.count(2 * 4.0 * 2 * I * D), nodes.count(2 * 4.0 * D * I)
-    assert up > 100 and down > 100 and up + down >= 0.98 * len(nodes)
+    assert nodes.count(2 * 4.0 * 2 * I * D) == nodes.count(2 * 4.0 * D * I) == len(nodes) // 2 > 0
+    dense = [r for r in rows if r["name"] == "autograd::engine::evaluate_function: MmBackward0" and r["flops"] > 0
+             and r["label"].split(":")[0].endswith(("/attn0", "/mlp0"))]
+    assert dense and all(0 < r["fixed_bytes"] < r["bytes"] for r in dense)
 
 
 def test_zero_share_what_if_moves_forward_and_backward_expert_kernels_only():
@@ -312,6 +315,23 @@ def test_the_backward_thread_joins_the_main_lane():
     assert _replay_us(g) == pytest.approx(40.0)
 
 
+def test_a_gloo_lane_of_backward_transfers_is_not_the_backward_thread():
+    """On CPU the backward runs on cpu:main and its exchanges on gloo's worker, labelled
+    ":bwd" after the op that issued them. That worker is no autograd thread: its first
+    transfer waits for its issue call once, and the 2 µs the worker took to pick it up stay
+    part of the transfer's wait, not a host gap of the lane (as an autograd thread's start
+    would be)."""
+    ops = Ops()
+    ops.add(0, "cpu:main", "compute", "loss", 10.0, start=0.0, label="loss", step=0)
+    issue = ops.add(0, "cpu:main", "host", "c10d::alltoall_base_", 2.0, start=14.0, label="L0/dispatch:bwd", step=0)
+    ops.add(0, "cpu:gloo", "comm", "gloo:all_to_all", 20.0, start=18.0, coll="all_to_all", group="0",
+            deps=[issue], label="L0/dispatch:bwd", step=0)
+    ops.add(0, "cpu:main", "compute", "MmBackward0", 14.0, start=19.0, label="L0/experts:bwd", step=0)
+    g = step_graph(ops.table())
+    comm, issue = (g.name.index(n) for n in ("gloo:all_to_all", "c10d::alltoall_base_"))
+    assert g.deps[comm] == [issue] and g.gap_us[comm] == 0.0
+
+
 def test_gpu_device_spec_from_cuda_names():
     from simulator.calibrate import gpu_device_spec
 
@@ -339,11 +359,14 @@ def test_simulate_cli_refuses_what_ifs_it_cannot_make(tmp_path, capsys):
         assert message in capsys.readouterr().err
         assert not (tmp_path / "sim").exists()
     run_json = json.loads((run / "run.json").read_text())
-    del run_json["routing"]
-    (run / "run.json").write_text(json.dumps(run_json))
-    capsys.readouterr()
-    assert main(["simulate", "--trace", str(run), "--to-zero-share", "0.5", "--calibration", cal, "-o", str(tmp_path / "sim")]) == 2
-    assert "holds no routing.*.zero_expert_share" in capsys.readouterr().err and not (tmp_path / "sim").exists()
+    for change, message in ((lambda r: r["routing"]["1"].update(zero_expert_share=1.0), "routing.1.zero_expert_share is 1.0"),
+                            (lambda r: r.pop("routing"), "holds no routing.*.zero_expert_share")):
+        change(run_json)
+        (run / "run.json").write_text(json.dumps(run_json))
+        capsys.readouterr()
+        assert main(["simulate", "--trace", str(run), "--to-zero-share", "0.5", "--calibration", cal,
+                     "-o", str(tmp_path / "sim")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "sim").exists()
     decode = _parsed_copy(H200 / "tiny" / "decode-shortcut", tmp_path / "decode")
     capsys.readouterr()
     assert main(["simulate", "--trace", str(decode), "--to-seq", "4", "--calibration", cal, "-o", str(tmp_path / "sim")]) == 2

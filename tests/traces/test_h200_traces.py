@@ -108,10 +108,10 @@ def test_each_gpu_op_waits_for_the_call_that_launched_it(run):
 def test_gpu_ops_carry_the_model_annotation_around_their_launch(run):
     """A GPU op's label (traces/lanes.py), rebuilt from the raw events: the innermost
     L{layer}/{block} annotation enclosing the midpoint of the runtime call that launched it,
-    on the launching thread; else the innermost other annotation there, collective ranges
-    (nccl:*) aside; else, on a thread without annotations (autograd's backward thread on
-    CUDA), the label of the forward op that the `fwdbwd` flow ending in the launching
-    top-level op starts from, plus ":bwd"."""
+    on the launching thread; else, when the first `fwdbwd` flow ending in the launching
+    top-level op starts from a labelled forward op, that label plus ":bwd" (autograd's
+    backward, on its own thread on CUDA); else the innermost other annotation there,
+    collective ranges (nccl:*) aside."""
     raw = _raw(run)
     spans = {True: defaultdict(list), False: defaultdict(list)}  # is L{layer}/{block} -> tid -> [(start, end, name)]
     for e in raw:
@@ -120,8 +120,8 @@ def test_gpu_ops_carry_the_model_annotation_around_their_launch(run):
     launch = {e["args"]["correlation"]: e for e in raw
               if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {})}
 
-    def annotation_at(tid, t: float) -> str:
-        for layer in (True, False):
+    def annotation_at(tid, t: float, kinds=(True, False)) -> str:
+        for layer in kinds:
             inside = [s for s in spans[layer][tid] if s[0] <= t <= s[1]]
             if inside:
                 return min(inside, key=lambda s: s[1] - s[0])[2]
@@ -132,9 +132,8 @@ def test_gpu_ops_carry_the_model_annotation_around_their_launch(run):
     for e in raw:
         if e.get("cat") == "fwdbwd" and e["ph"] == "f" and e["id"] in flow_start:
             forward = flow_start[e["id"]]
-            if forward["tid"] != e["tid"]:
-                label = annotation_at(forward["tid"], forward["ts"])
-                flow_ends[e["tid"]].append((e["ts"], f"{label}:bwd" if label else ""))
+            label = annotation_at(forward["tid"], forward["ts"])
+            flow_ends[e["tid"]].append((e["ts"], f"{label}:bwd" if label else ""))
     for ends in flow_ends.values():
         ends.sort()
     cpu_tops = defaultdict(list)  # tid -> top-level cpu_op / runtime events (start, end)
@@ -151,11 +150,17 @@ def test_gpu_ops_carry_the_model_annotation_around_their_launch(run):
         cpu_tops[tid] = tops
 
     def label_of(call: dict) -> str:
-        label = annotation_at(call["tid"], call["ts"] + call.get("dur", 0) / 2)
-        if label or call["tid"] not in flow_ends:
+        mid = call["ts"] + call.get("dur", 0) / 2
+        label = annotation_at(call["tid"], mid, (True,))
+        if label:
             return label
-        top = next(t for t in cpu_tops[call["tid"]] if t[0] <= call["ts"] <= t[1])
-        return next((lab for ts, lab in flow_ends[call["tid"]] if top[0] <= ts <= top[1]), "")
+        if call["tid"] in flow_ends:
+            top = next(t for t in cpu_tops[call["tid"]] if t[0] <= call["ts"] <= t[1])
+            label = next((lab for ts, lab in flow_ends[call["tid"]] if ts >= top[0]), "")
+            first = next((ts for ts, _ in flow_ends[call["tid"]] if ts >= top[0]), None)
+            if label and first is not None and first <= top[1]:
+                return label
+        return annotation_at(call["tid"], mid, (False,))
 
     expected = defaultdict(list)  # lane -> labels in start order
     for e in sorted((e for e in raw if e.get("cat") in GPU_CATS), key=lambda e: e["ts"]):
