@@ -97,8 +97,8 @@ def _cluster_for(name: str, ranks: int, gpus: int | None, cores: int | None):
     return get_cluster(name, gpus=gpus, **options)
 
 
-def _zero_share_scales(live: dict, run_json: Path, to_share: float) -> dict[int, float]:
-    """Per layer: FFN-expert rows at zero share to_share / at the run's (run.json routing)."""
+def _zero_shares(live: dict, run_json: Path, to_share: float) -> dict[int, float]:
+    """Per layer: the run's zero-expert share (run.json routing), checked with to_share."""
     from moesim.cli import UsageError
 
     if not 0 <= to_share < 1:
@@ -115,7 +115,7 @@ def _zero_share_scales(live: dict, run_json: Path, to_share: float) -> dict[int,
         if not 0 <= z < 1:  # (NaN fails too) at 1 no FFN rows ran: nothing to scale from
             raise UsageError(f"--to-zero-share: {run_json} routing.{layer}.zero_expert_share is {z}; "
                              "the run's layers need FFN rows (0 <= share < 1) to be scaled")
-    return {layer: (1 - to_share) / (1 - z) for layer, z in shares.items()}
+    return shares
 
 
 def _what_if(args: argparse.Namespace, ops, run_dir: Path, live: dict, cluster, notes: dict):
@@ -146,7 +146,9 @@ def _what_if(args: argparse.Namespace, ops, run_dir: Path, live: dict, cluster, 
         raise UsageError("--comm-from-trace / --no-gaps: not with the --to-* what-ifs (the moved "
                          "step takes collectives from the comm model on cpu-loopback, from the trace on GPUs)")
     token_scale = to_batch * to_seq / (batch * seq)
-    layer_scale = None if args.to_zero_share is None else _zero_share_scales(live, run_dir / "run.json", args.to_zero_share)
+    shares = None if args.to_zero_share is None else _zero_shares(live, run_dir / "run.json", args.to_zero_share)
+    # FFN rows per token are top_k · (1 − share): each layer's rows scale by (1 − Z) / (1 − z)
+    layer_scale = None if shares is None else {k: (1 - args.to_zero_share) / (1 - z) for k, z in shares.items()}
     backend = live.get("backend")
     comm = None
     moved = token_scale != 1 or layer_scale is not None
@@ -168,7 +170,7 @@ def _what_if(args: argparse.Namespace, ops, run_dir: Path, live: dict, cluster, 
                         "to": {"batch": to_batch, "seq": to_seq, "schedule": schedule},
                         "token_scale": token_scale, "calibration": args.calibration}
     if layer_scale is not None:
-        notes["what_if"]["from"]["zero_share"] = {str(k): 1 - (1 - args.to_zero_share) / v for k, v in layer_scale.items()}
+        notes["what_if"]["from"]["zero_share"] = {str(k): z for k, z in shares.items()}
         notes["what_if"]["to"]["zero_share"] = args.to_zero_share
         notes["what_if"]["ffn_rows_scale"] = {str(k): v for k, v in layer_scale.items()}
     if cluster.kind == "cpu":

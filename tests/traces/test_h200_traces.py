@@ -156,9 +156,8 @@ def test_gpu_ops_carry_the_model_annotation_around_their_launch(run):
             return label
         if call["tid"] in flow_ends:
             top = next(t for t in cpu_tops[call["tid"]] if t[0] <= call["ts"] <= t[1])
-            label = next((lab for ts, lab in flow_ends[call["tid"]] if ts >= top[0]), "")
-            first = next((ts for ts, _ in flow_ends[call["tid"]] if ts >= top[0]), None)
-            if label and first is not None and first <= top[1]:
+            ts, label = next(((ts, lab) for ts, lab in flow_ends[call["tid"]] if ts >= top[0]), (None, ""))
+            if label and ts <= top[1]:
                 return label
         return annotation_at(call["tid"], mid, (False,))
 
