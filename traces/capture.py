@@ -233,6 +233,7 @@ def _spawned_rank(
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+    keep_heap()
     # Collectives time out later than the launcher's deadline, so a hang is reported as one.
     timeout = datetime.timedelta(seconds=timeout_s + 60)
     try:
@@ -260,6 +261,7 @@ def _run_torchrun_rank(fn: Callable[..., None], backend: str, timeout_s: float, 
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+    keep_heap()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     try:
@@ -271,6 +273,37 @@ def _run_torchrun_rank(fn: Callable[..., None], backend: str, timeout_s: float, 
     except BaseException as err:
         _write_error(Path(status_dir), rank, err)
         raise
+
+
+# glibc malloc gives a freed block of at least M_MMAP_THRESHOLD (dynamic, 128 KiB up to 32 MiB)
+# back to the kernel, and trims the heap's top past M_TRIM_THRESHOLD: the next step's
+# tensors of that size fault in fresh zeroed pages again. On CPU ranks that moved a train
+# step of `small` by 8-20 % and, depending on what the previous visit left in the heap,
+# made the optimizer's sqrt and div take 4-13x longer for whole visits. Ranks keep their heap,
+# as the CUDA caching allocator does on a GPU.
+HEAP_MMAP_THRESHOLD = 1 << 30
+HEAP_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
+_allocator = "default"  # what keep_heap did in this process, for run.json
+
+
+def keep_heap() -> str:
+    """Pin glibc malloc's thresholds (HEAP_*) for this process; returns (and run.json
+    records as "allocator") what was done: "glibc heap kept (...)", or "default" where the
+    C library is not glibc or refuses."""
+    global _allocator
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return _allocator
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD) != 1 or mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD) != 1:
+        return _allocator
+    _allocator = f"glibc heap kept (mmap threshold {HEAP_MMAP_THRESHOLD >> 20} MiB, trim threshold {HEAP_TRIM_THRESHOLD >> 20} MiB)"
+    return _allocator
 
 
 def _rank_device(backend: str, local_rank: int):
@@ -619,6 +652,7 @@ def _profiled_steps(workload: "Workload", spec: CaptureSpec, warmup: int, out_di
         "step_times_us": step_times_us[warmup:],
         "device": _device_name(device),
         "host": platform.node(),
+        "allocator": _allocator,
         "records": workload.records(),
         "load_1min": round((load_before + os.getloadavg()[0]) / 2, 2),
         "warmup": warmup,
@@ -757,6 +791,7 @@ def build_run_json(spec: CaptureSpec, workload: Any, backend: str, results: list
         "load_1min": results[0].get("load_1min"),  # this machine's 1-min load average, rank 0, over the steps
         "devices": {str(r["rank"]): r["device"] for r in results},
         "hosts": {str(r["rank"]): r["host"] for r in results},
+        "allocator": {str(r["rank"]): r.get("allocator", "default") for r in results},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "launcher": "torchrun" if launched_by_torchrun() else "spawn",
         "command": " ".join(sys.argv),

@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import json
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -53,6 +54,9 @@ def test_run_json_has_the_stable_keys_and_consistent_step_times(prefill_run):
         assert key in run, key
     assert (run["source"], run["preset"], run["schedule"], run["mode"]) == ("live", "tiny", "shortcut", "prefill")
     assert run["world_size"] == 2 and run["backend"] == "gloo"
+    if platform.libc_ver()[0] == "glibc":  # every rank kept its heap (traces.capture.keep_heap)
+        assert sorted(run["allocator"]) == ["0", "1"]
+        assert all(a.startswith("glibc heap kept") for a in run["allocator"].values()), run["allocator"]
     assert run["config"]["n_routed_experts"] == 4 and run["batch"] == 4 and run["seq"] == 8
     assert sorted(run["step_times_us"]) == ["0", "1"]
     assert all(len(times) == STEPS for times in run["step_times_us"].values())
