@@ -722,9 +722,22 @@ def comm_stall_us(g: StepGraph) -> np.ndarray | None:
     return np.where(np.asarray(model) > 0, np.maximum(np.asarray(insitu) - np.asarray(model), 0.0), 0.0)
 
 
+def typical_steps(graphs: list[StepGraph]) -> list[StepGraph]:
+    """The middle half of `graphs` by busy time (durations plus gaps), all of them when
+    fewer than four: a step the machine stalled (a descheduled process, a neighbour on the
+    memory bus) moves a mean by tens of percent, and the curves through the references
+    are applied to the base's steps, whose replays are compared by their median."""
+    if len(graphs) < 4:
+        return list(graphs)
+    busy = np.array([float(g.dur_us.sum() + g.gap_us.sum()) for g in graphs])
+    lo, hi = np.quantile(busy, [0.25, 0.75])
+    return [g for g, b in zip(graphs, busy) if lo <= b <= hi]
+
+
 def _group_totals(graphs: list[StepGraph]) -> tuple[dict, dict, dict, dict | None]:
-    """Mean per graph of each group's total duration, gap, payload and comm stall (None
-    when a graph has no stall notes)."""
+    """Mean over the typical steps (typical_steps) of each group's total duration, gap,
+    payload and comm stall (None when a graph has no stall notes)."""
+    graphs = typical_steps(graphs)
     totals: tuple[dict, dict, dict] = (defaultdict(float), defaultdict(float), defaultdict(float))
     stalls: dict | None = defaultdict(float)
     for g in graphs:
@@ -768,8 +781,8 @@ def fit_scaling(template: StepGraph, points: list[tuple[list[StepGraph], float, 
     """Group-wise ratios (see OpScaling) for the ops of `template` (a graph of the base
     reference) from the steps of two or more reference sizes, each (its per-step graphs,
     tokens per rank, seq); the first is the base. Groups are matched by key, not op by op,
-    so references may run different op sequences (an expert with no tokens runs no ops).
-    Ops with a fixed label (optimizer, gradient sync) keep their duration."""
+    so references may run different op sequences (an expert with no tokens runs no ops),
+    and averaged over each reference's typical steps (typical_steps). Ops with a fixed label (optimizer, gradient sync) keep their duration."""
     if len(points) < 2:
         raise SimulationError("fit_scaling: needs at least two reference sizes")
     if any(not graphs for graphs, _, _ in points):

@@ -287,6 +287,19 @@ def test_scaling_matches_groups_not_op_sequences():
     assert out.dur_us.tolist() == pytest.approx([3.0, 3.0])
 
 
+def test_scaling_ignores_stalled_steps():
+    """A step the machine stalled does not bend the curves: the base reference ran its
+    linear in 10 µs in eight steps and 100 µs in two (a descheduled rank), the other
+    reference in 20 µs in all eight: the ratio is 2 (a mean would say 20 / 28)."""
+
+    def linear(dur, step):
+        return step_graph(_table([dict(id=step, name="aten::linear", label="L0/experts", dur_us=dur, step=step)]))
+
+    base = [linear(10.0, k) for k in range(8)] + [linear(100.0, 8), linear(100.0, 9)]
+    s = fit_scaling(base[0], [(base, 96, 48), ([linear(20.0, k) for k in range(8)], 192, 48)])
+    assert apply_scaling(base[0], s, 192, 48).dur_us.tolist() == pytest.approx([20.0])
+
+
 def _comm_graph(tokens, stall_us, model_us=95.0):
     """An all-to-all whose in-situ time is the comm model's model_us plus stall_us (as
     simulator.validate.note_insitu_comm records it), after one linear op."""
