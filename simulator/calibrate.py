@@ -558,6 +558,11 @@ def load_calibration(path: str | os.PathLike, backend: str | None = None, world_
     if not isinstance(exponent, (int, float)) or not exponent >= 0:
         raise SimulationError(f"{target}: comm_load.exponent must be a number ≥ 0, got {exponent!r}")
     comm.load_exponent = float(exponent)
+    for size in load.get("sizes") or []:
+        point = (size.get("coll_bytes"), size.get("exponent")) if isinstance(size, dict) else (None, None)
+        if not all(isinstance(v, (int, float)) for v in point) or not (point[0] > 0 and point[1] >= 0):
+            raise SimulationError(f"{target}: comm_load.sizes needs coll_bytes > 0 and exponent ≥ 0 per size, got {size!r}")
+        comm.load_points.append((float(point[0]), float(point[1])))
     return cal, compute, comm
 
 

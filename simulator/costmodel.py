@@ -529,10 +529,23 @@ def fit_comm(coll: str, world_size: int, coll_bytes: Sequence[float], dur_us: Se
 class CommModel:
     """Fitted collectives keyed by (coll, world size); falls back to the pooled link fit.
     load_exponent: how an in-flight transfer slows while its CPU ranks compute
-    (simulator.engine's comm_load_exponent; from the calibration's comm_load)."""
+    (simulator.engine's comm_load_exponent; from the calibration's comm_load);
+    load_points: (payload bytes, exponent) per size of the calibration's load sweep, for
+    load_exponent_at."""
 
     fits: dict[tuple[str, int], CommFit] = field(default_factory=dict)
     load_exponent: float = 1.0
+    load_points: list[tuple[float, float]] = field(default_factory=list)
+
+    def load_exponent_at(self, coll_bytes: float) -> float:
+        """The load exponent of a transfer of `coll_bytes`: piecewise-linear in log2(bytes)
+        through load_points, held beyond the outermost (a small payload loses more to a
+        shared core than a large one: the wait for a core is a scheduler quantum, not a
+        share of the transfer); load_exponent without points or bytes."""
+        if not self.load_points or not coll_bytes > 0:
+            return self.load_exponent
+        xs, es = zip(*sorted(self.load_points))
+        return float(np.interp(np.log2(coll_bytes), np.log2(xs), es))
 
     def predict_us(self, coll: str, n: int, coll_bytes: float, splits: Sequence[float] = (), rank_in_group: int = -1) -> float:
         wire = wire_bytes(coll, n, coll_bytes, splits, rank_in_group)

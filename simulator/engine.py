@@ -123,7 +123,8 @@ class Simulation:
     share per job (compute ops plus one job per rank in a transfer): 0 keeps the traced time
     whatever the load; 1 is plain processor sharing, as modelled transfers get; above 1 the
     transfer threads lose more than their share (as threads that sleep on the network and
-    wait for a core at every wake-up can).
+    wait for a core at every wake-up can). Or a function of the collective's payload bytes
+    (mean over its ranks) giving the exponent (CommModel.load_exponent_at).
     comm_tail_us: per op (row order), how long a rank stays in its collective after the
     collective ends (a live rank that noticed the end late: its thread off the core); the
     others are released at the end. With trace_tails the traced tails decide instead.
@@ -143,7 +144,7 @@ class Simulation:
         fuse: bool = True,
         unsized_from_trace: bool = False,
         trace_tails: bool = False,
-        comm_load_exponent: float = 0.0,
+        comm_load_exponent: float | Callable[[float], float] = 0.0,
         comm_tail_us: np.ndarray | None = None,
     ):
         self.ops = ops
@@ -205,9 +206,11 @@ class Simulation:
         self._tail_extra: dict[int, float] = {}
         self.unsized_from_trace = unsized_from_trace
         self.trace_tails = trace_tails
-        if comm_load_exponent < 0:
-            raise SimulationError(f"comm_load_exponent must be ≥ 0, got {comm_load_exponent}")
-        self.comm_load_exponent = comm_load_exponent if self.cpu is not None else 0.0
+        if not callable(comm_load_exponent):
+            if comm_load_exponent < 0:
+                raise SimulationError(f"comm_load_exponent must be ≥ 0, got {comm_load_exponent}")
+            comm_load_exponent = (lambda e: lambda _bytes: e)(float(comm_load_exponent))
+        self.comm_load_exponent = comm_load_exponent if self.cpu is not None else (lambda _bytes: 0.0)
         self._comm_tail: list[float] | None = None
         if comm_tail_us is not None:
             tail = np.asarray(comm_tail_us, dtype=np.float64)
@@ -636,8 +639,9 @@ class Simulation:
                 # is the transfer (also right when dur_us holds a predicted transfer time)
                 t = max(min(self.dur[p] for p in members), 0.0)
             if t > 0:
-                if self.comm_load_exponent > 0:  # slowed while the cores are shared
-                    yield from self._shared_work(-1, t, lambda: self.cpu.factor**self.comm_load_exponent)
+                exponent = self.comm_load_exponent(float(np.mean(self.coll_bytes[members])))
+                if exponent > 0:  # slowed while the cores are shared
+                    yield from self._shared_work(-1, t, lambda: self.cpu.factor**exponent)
                 else:
                     yield env.timeout(t)
         else:

@@ -25,7 +25,7 @@ curve through the references too, as a local copy grows with its payload; each r
 late return from a collective and late start of the step come along unchanged),
 simulator.engine replays the graphs on a cpu-loopback cluster (processor sharing over
 this machine's cores; a transfer in flight while its ranks compute is slowed by the
-cores' share too, by the calibration's comm load exponent), and the replayed step is multiplied by the
+cores' share too, by the calibration's comm load exponent at its payload), and the replayed step is multiplied by the
 measured / replayed step time of the references themselves, piecewise-linear through the
 references' ratios (`Reference.replay_factor_at`: contention the replay does not model).
 The unscaled prediction stays in the row. Measured: the median over the pooled steps of
@@ -337,9 +337,9 @@ MIN_SPEEDUP_PAIRS, MAX_SPEEDUP_PAIRS = 16, 100_000
 # it with the cores idle. Under the shortcut schedule the ranks compute while it is in
 # flight and gloo's transfer threads share the cores with them: the replay runs the
 # transfer at share ** e of its speed (simulator.engine comm_load_exponent), e measured
-# by `moesim calibrate` (an all_to_all at the matrix's payloads, idle and beside a compute
-# loop: the calibration's comm_load; 1, plain processor sharing, for calibrations without
-# it). Without it a w2 shortcut step replays its all-to-alls at idle speed and
+# by `moesim calibrate` per payload size (an all_to_all at the matrix's payloads, idle and
+# beside a compute loop: the calibration's comm_load; CommModel.load_exponent_at between
+# the sizes; 1, plain processor sharing, for calibrations without it). Without it a w2 shortcut step replays its all-to-alls at idle speed and
 # under-predicts overlap -- see README "Calibration and validation".
 
 
@@ -452,7 +452,7 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: b
         ops = ops.set_column(ops.schema.get_field_index("dur_us"), "dur_us", zero)
     cluster = cpu_loopback(int(g.rank.max()) + 1, cores)
     sim = simulate(ops, cluster, comm_from_trace=True, gap_us=gap, compute_time=lambda _t, _c: durations,
-                   comm_load_exponent=comm.load_exponent, comm_tail_us=g.notes.get("comm_tail_us"))
+                   comm_load_exponent=comm.load_exponent_at, comm_tail_us=g.notes.get("comm_tail_us"))
     # as live: a step lasts as long as its slowest rank, each from its own start
     end = sim.column("start_us").to_numpy() + sim.column("dur_us").to_numpy()
     rank = sim.column("rank").to_numpy()

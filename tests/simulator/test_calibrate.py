@@ -16,6 +16,7 @@ from simulator.calibrate import (
     load_calibration,
     write_calibration,
 )
+from simulator.costmodel import CommModel
 from simulator.errors import SimulationError
 
 
@@ -67,10 +68,26 @@ def test_comm_load_exponent_is_recovered_and_round_trips(tmp_path):
     compute, comm = _synthetic_points()
     cal = fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x", load)
     write_calibration(cal, tmp_path / "c.json")
-    assert load_calibration(tmp_path / "c.json")[2].load_exponent == load["exponent"]
+    comm_model = load_calibration(tmp_path / "c.json")[2]
+    assert comm_model.load_exponent == load["exponent"]
+    # per size: the sizes' own exponents, log-linear between them, held beyond
+    sizes = [(p["coll_bytes"], p["exponent"]) for p in load["sizes"]]
+    assert len(sizes) >= 2 and comm_model.load_points == sizes
+    (b0, e0), (b1, e1) = sizes[0], sizes[1]
+    assert comm_model.load_exponent_at(b0) == pytest.approx(e0)
+    assert comm_model.load_exponent_at((b0 * b1) ** 0.5) == pytest.approx((e0 + e1) / 2)
+    assert comm_model.load_exponent_at(b0 / 8) == pytest.approx(e0)
+    assert comm_model.load_exponent_at(sizes[-1][0] * 8) == pytest.approx(sizes[-1][1])
+    assert comm_model.load_exponent_at(0.0) == load["exponent"]
+    two = CommModel(load_exponent=3.0, load_points=[(1 << 20, 2.0), (1 << 18, 4.0)])
+    assert [two.load_exponent_at(b) for b in (1 << 16, 1 << 18, 1 << 19, 1 << 20, 1 << 24)] == pytest.approx([4, 4, 3, 2, 2])
     # a calibration without the sweep (older files, NCCL) → plain processor sharing
     write_calibration(fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x"), tmp_path / "old.json")
     assert load_calibration(tmp_path / "old.json")[2].load_exponent == DEFAULT_COMM_LOAD_EXPONENT == 1.0
+    cal["comm_load"]["sizes"][0]["coll_bytes"] = 0
+    write_calibration(cal, tmp_path / "bad.json")
+    with pytest.raises(SimulationError, match=r"bad.json: comm_load.sizes needs coll_bytes > 0"):
+        load_calibration(tmp_path / "bad.json")
     cal["comm_load"]["exponent"] = -1
     write_calibration(cal, tmp_path / "bad.json")
     with pytest.raises(SimulationError, match=r"bad.json: comm_load.exponent must be a number ≥ 0, got -1"):

@@ -134,6 +134,9 @@ def test_timed_transfer_under_compute_shares_the_cores():
     assert t[1][1] == pytest.approx(60.0 + (100.0 - 60.0 * 2 / 3))
     with pytest.raises(SimulationError, match="comm_load_exponent"):
         simulate(table, c, comm_from_trace=True, comm_load_exponent=-1.0)
+    # an exponent per payload: the 1-byte transfer above gets 2, so the closed form for 2
+    t = _by_id(simulate(table, c, comm_from_trace=True, comm_load_exponent=lambda b: 2.0 if b < 10 else 0.0))
+    assert t[1][1] == pytest.approx(60.0 + (100.0 - 60.0 * 0.25))
 
 
 def test_a_rank_tail_holds_only_that_rank_after_the_collective():
