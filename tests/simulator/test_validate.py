@@ -261,6 +261,9 @@ class _LinearComm:
     def predict_us(self, coll, n, coll_bytes, splits=(), rank_in_group=-1):
         return 5.0 + coll_bytes / self.per_us
 
+    def load_exponent_at(self, coll_bytes):
+        return self.load_exponent
+
 
 def _step_ops(rows):
     """An ops table of one step from row dicts (unset columns: a main-lane compute op)."""
