@@ -782,7 +782,8 @@ def fit_scaling(template: StepGraph, points: list[tuple[list[StepGraph], float, 
     reference) from the steps of two or more reference sizes, each (its per-step graphs,
     tokens per rank, seq); the first is the base. Groups are matched by key, not op by op,
     so references may run different op sequences (an expert with no tokens runs no ops),
-    and averaged over each reference's typical steps (typical_steps). Ops with a fixed label (optimizer, gradient sync) keep their duration."""
+    and averaged over each reference's typical steps (typical_steps). Ops with a fixed
+    label (optimizer, gradient sync) keep their duration."""
     if len(points) < 2:
         raise SimulationError("fit_scaling: needs at least two reference sizes")
     if any(not graphs for graphs, _, _ in points):

@@ -25,9 +25,10 @@ curve through the references too, as a local copy grows with its payload; each r
 late return from a collective and late start of the step come along unchanged),
 simulator.engine replays the graphs on a cpu-loopback cluster (processor sharing over
 this machine's cores; a transfer in flight while its ranks compute is slowed by the
-cores' share too, by the calibration's comm load exponent at its payload), and the replayed step is multiplied by the
-measured / replayed step time of the references themselves, piecewise-linear through the
-references' ratios (`Reference.replay_factor_at`: contention the replay does not model).
+cores' share too, by the calibration's comm load exponent at its payload), and the
+replayed step is multiplied by the measured / replayed step time of the references
+themselves, piecewise-linear through the references' ratios
+(`Reference.replay_factor_at`: contention the replay does not model).
 The unscaled prediction stays in the row. Measured: the median over the pooled steps of
 its live visits (a step lasts as long as its slowest rank), and the overlap of the pooled
 traces (at most MAX_PARSED_VISITS visits). Overlap uses traces.overlap.compute_metrics on both sides, after marking the
@@ -339,8 +340,9 @@ MIN_SPEEDUP_PAIRS, MAX_SPEEDUP_PAIRS = 16, 100_000
 # transfer at share ** e of its speed (simulator.engine comm_load_exponent), e measured
 # by `moesim calibrate` per payload size (an all_to_all at the matrix's payloads, idle and
 # beside a compute loop: the calibration's comm_load; CommModel.load_exponent_at between
-# the sizes; 1, plain processor sharing, for calibrations without it). Without it a w2 shortcut step replays its all-to-alls at idle speed and
-# under-predicts overlap -- see README "Calibration and validation".
+# the sizes; 1, plain processor sharing, for calibrations without it). Without it a w2
+# shortcut step replays its all-to-alls at idle speed and under-predicts overlap -- see
+# README "Calibration and validation".
 
 
 def spread(items: list, n: int) -> list:
