@@ -12,8 +12,9 @@
     attention, gather / cat) under torch.profiler with record_shapes, so durations are
     measured the way live traces measure them (profiler overhead included);
 and fits `CostModel` (per op kind), `CommModel` (alpha-beta per collective) and the
-comm load exponent (fit_comm_load: how much an in-flight transfer slows while its ranks
-compute; simulator.engine's comm_load_exponent).
+comm load exponent and core use (fit_comm_load: how much an in-flight transfer slows while
+its ranks compute, and how much it slows their compute; simulator.engine's
+comm_load_exponent and comm_core_use).
 
 Calibration file (`CAL/calibration.json`, or any path ending in .json):
     format "moesim-calibration", version 1,
@@ -23,8 +24,10 @@ Calibration file (`CAL/calibration.json`, or any path ending in .json):
     points   {compute: [{name, kind, shapes, flops, bytes, dur_us}],
               comm: [{coll, world_size, coll_bytes, dur_us, dur_us_all}]}
     comm_load (gloo, world size > 1; absent → exponent DEFAULT_COMM_LOAD_EXPONENT)
-             {exponent, cores, share, sizes: [{coll_bytes, idle_us, loaded_us, exponent}],
-              points: [{coll_bytes, idle_us_all, loaded_us_all, chunk_us}]}
+             {exponent, cores, share, sizes: [{coll_bytes, idle_us, loaded_us, exponent,
+              compute_speed, core_use}], points: [{coll_bytes, idle_us_all, loaded_us_all,
+              compute_speed_all, chunk_us}]} (compute_speed / core_use: calibrations
+              from 2026-12-05 on)
     warnings [str]  fits the measurements could not support (comm_warnings); the CLI
              prints them
 On CUDA the same code calibrates NCCL and kernels (each case's kernel time under the
@@ -168,7 +171,8 @@ def _load_worker(rank: int, world_size: int, backend: str, port: int, sizes: Seq
     and one while the rank computes (issued after a barrier and a short run-in of the
     compute loop, polled between matmuls of ~30 µs until it completes; the loop then goes on
     as long again so that every peer's transfer stays under load). Writes the issue and
-    completion times (perf_counter, one clock for every process on the machine, µs)."""
+    completion times (perf_counter, one clock for every process on the machine, µs), the
+    matmuls done in flight and the run-in's time per matmul."""
     import torch
     import torch.distributed as dist
 
@@ -198,17 +202,20 @@ def _load_worker(rank: int, world_size: int, backend: str, port: int, sizes: Seq
                 dist.all_to_all_single(recv, x, async_op=True).wait()
                 t1 = now()
                 dist.barrier()
+                r0 = now()
                 for _ in range(20):  # every rank busy before any transfer starts
                     chunk()
                 s0 = now()
                 work = dist.all_to_all_single(recv, x, async_op=True)
+                n = 0
                 while not work.is_completed():
                     chunk()
+                    n += 1
                 s1 = now()
                 while now() < 2 * s1 - s0:
                     chunk()
                 work.wait()
-                rows.append((t0, t1, s0, s1))
+                rows.append((t0, t1, s0, s1, n, (s0 - r0) / 20))
             out[str(numel * 4)] = rows
         dist.barrier()
     finally:
@@ -218,8 +225,10 @@ def _load_worker(rank: int, world_size: int, backend: str, port: int, sizes: Seq
 
 def comm_load_points(backend: str, world_size: int, sizes_bytes: Sequence[int] = LOAD_SIZES_BYTES, reps: int = 101) -> list[dict]:
     """all_to_all with the ranks idle and with every rank computing, per size: one point
-    each {coll_bytes, idle_us_all, loaded_us_all, chunk_us}. A transfer lasts from the last
-    rank's issue to the first rank's completion (as validate times a traced collective)."""
+    each {coll_bytes, idle_us_all, loaded_us_all, compute_speed_all, chunk_us}. A transfer
+    lasts from the last rank's issue to the first rank's completion (as validate times a
+    traced collective); compute_speed: the loop's pace in flight over its run-in pace just
+    before (mean over ranks)."""
     import torch.multiprocessing as mp
 
     if world_size < 2:
@@ -230,12 +239,14 @@ def comm_load_points(backend: str, world_size: int, sizes_bytes: Sequence[int] =
         per_rank = [json.loads((Path(out_dir) / f"load{r}.json").read_text()) for r in range(world_size)]
     points = []
     for key in (k for k in per_rank[0] if k != "chunk_us"):
-        idle, loaded = [], []
+        idle, loaded, speed = [], [], []
         for rows in zip(*(r[key] for r in per_rank)):
             idle.append(min(r[1] for r in rows) - max(r[0] for r in rows))
             loaded.append(min(r[3] for r in rows) - max(r[2] for r in rows))
+            # the compute loop's pace while its transfer was in flight (chunks done × idle chunk time)
+            speed.append(statistics.mean(row[4] * row[5] / (row[3] - row[2]) for row in rows))
         points.append({"coll": "all_to_all", "world_size": world_size, "coll_bytes": float(key),
-                       "idle_us_all": idle, "loaded_us_all": loaded,
+                       "idle_us_all": idle, "loaded_us_all": loaded, "compute_speed_all": speed,
                        "chunk_us": statistics.mean(r["chunk_us"] for r in per_rank)})
     return points
 
@@ -247,7 +258,8 @@ def fit_comm_load(points: Sequence[dict], cores: int) -> dict:
     at share ** e of its idle speed, so loaded = idle / share ** e. Per size
     e = ln(median loaded / median idle) / ln(1 / share); the exponent is the median over the
     sizes (≥ 0). Where the cores are not shared (share 1) e cannot be measured and the
-    default stays."""
+    default stays. Per size too, with the compute loops' pace: core_use, the share of a core
+    each rank's transfer took from compute (simulator.engine comm_core_use)."""
     if not points:
         raise SimulationError("comm load: no points to fit")
     n = int(points[0]["world_size"])
@@ -258,11 +270,20 @@ def fit_comm_load(points: Sequence[dict], cores: int) -> dict:
         if not (idle > 0 and loaded > 0):
             raise SimulationError(f"comm load: non-positive median time at {p['coll_bytes']:.0f} bytes")
         e = math.log(loaded / idle) / math.log(1 / share) if share < 1 else None
-        sizes.append({"coll_bytes": p["coll_bytes"], "idle_us": idle, "loaded_us": loaded, "exponent": e})
+        size = {"coll_bytes": p["coll_bytes"], "idle_us": idle, "loaded_us": loaded, "exponent": e}
+        if share < 1 and p.get("compute_speed_all"):
+            # n compute loops and n transfers on the cores: the loops' pace relative to the
+            # run-in (no transfer) is (cores − n · use) / (n · pace without), pace without = min(1, cores / n)
+            speed = statistics.median(p["compute_speed_all"])
+            alone = min(1.0, cores / n)
+            size.update({"compute_speed": speed,
+                         "core_use": min(alone, max(0.0, (cores - n * speed * alone) / n))})
+        sizes.append(size)
     exponent = (max(0.0, statistics.median(s["exponent"] for s in sizes)) if share < 1
                 else DEFAULT_COMM_LOAD_EXPONENT)
     return {"exponent": exponent, "measured": share < 1, "cores": cores, "share": share, "sizes": sizes,
-            "points": [{k: p[k] for k in ("coll_bytes", "idle_us_all", "loaded_us_all", "chunk_us")} for p in points]}
+            "points": [{k: p[k] for k in ("coll_bytes", "idle_us_all", "loaded_us_all", "compute_speed_all", "chunk_us")
+                        if k in p} for p in points]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -563,6 +584,11 @@ def load_calibration(path: str | os.PathLike, backend: str | None = None, world_
         if not all(isinstance(v, (int, float)) for v in point) or not (point[0] > 0 and point[1] >= 0):
             raise SimulationError(f"{target}: comm_load.sizes needs coll_bytes > 0 and exponent ≥ 0 per size, got {size!r}")
         comm.load_points.append((float(point[0]), float(point[1])))
+        if "core_use" in size:
+            use = size["core_use"]
+            if not isinstance(use, (int, float)) or not 0 <= use <= 1:
+                raise SimulationError(f"{target}: comm_load.sizes core_use must be a number in [0, 1], got {use!r}")
+            comm.core_use_points.append((float(point[0]), float(use)))
     return cal, compute, comm
 
 

@@ -531,11 +531,23 @@ class CommModel:
     load_exponent: how an in-flight transfer slows while its CPU ranks compute
     (simulator.engine's comm_load_exponent; from the calibration's comm_load);
     load_points: (payload bytes, exponent) per size of the calibration's load sweep, for
-    load_exponent_at."""
+    load_exponent_at; core_use_points: (payload bytes, share of a core each rank's transfer
+    takes from compute while in flight) per size, for core_use_at (none in calibrations
+    before the sweep timed its compute loop)."""
 
     fits: dict[tuple[str, int], CommFit] = field(default_factory=dict)
     load_exponent: float = 1.0
     load_points: list[tuple[float, float]] = field(default_factory=list)
+    core_use_points: list[tuple[float, float]] = field(default_factory=list)
+
+    def core_use_at(self, coll_bytes: float) -> float:
+        """The share of a core a transfer of `coll_bytes` takes from each of its ranks'
+        compute while in flight: piecewise-linear in log2(bytes) through core_use_points,
+        held beyond the outermost; 0 without points."""
+        if not self.core_use_points:
+            return 0.0
+        xs, us = zip(*sorted(self.core_use_points))
+        return float(np.interp(np.log2(max(coll_bytes, 1.0)), np.log2(xs), us))
 
     def load_exponent_at(self, coll_bytes: float) -> float:
         """The load exponent of a transfer of `coll_bytes`: piecewise-linear in log2(bytes)

@@ -17,8 +17,10 @@ Model (../shared/DESIGN.md, "Simulator model"):
 - interference: on GPU clusters, while a comm op is in flight on a rank, compute ops of that
   rank whose duration came from a model (not measured) run at 1 - comm_compute_share speed;
   on CPU clusters, compute ops and in-flight transfers (one thread per rank) share `cores`
-  (processor sharing: each gets min(1, cores / jobs)); measured durations already include
-  the contention they ran under, so they are not slowed again, but they do occupy cores.
+  (processor sharing: each job's share is min(1, cores / jobs); a transfer timed from the
+  trace progresses at share ** e and takes that, or its calibrated `comm_core_use`, from
+  compute, which gets the rest); measured durations already include the contention they
+  ran under, so they are not slowed again, but they do occupy cores.
 - a collective some rank never reaches, a lock-step ordering deadlock, a dependency cycle,
   an unreachable GPU pair or a rank the cluster lacks → SimulationError naming it.
 - flows: `flow_model="exact"` gives every GPU pair its own flow (and every ring round its own
@@ -99,12 +101,32 @@ class _Rdv:
 
 
 class _CpuPool:
-    """Processor sharing of `cores` among compute ops and in-flight transfers (CPU clusters)."""
+    """Processor sharing of `cores` among compute ops and in-flight transfers (CPU clusters).
+
+    factor: the share per job, min(1, cores / jobs). A transfer's ranks each use `core_use`
+    of a core while it is in flight (a calibrated share), or, without one, factor ** e (its
+    progress rate, e its load exponent). Compute gets the rest: compute_speed =
+    min(1, (cores − what the transfers use) / compute jobs), never below factor (with e = 1
+    and no core use: plain processor sharing, compute_speed = factor)."""
 
     def __init__(self, cores: int):
         self.cores = cores
         self.jobs = 0
         self.factor = 1.0
+        self.compute_speed = 1.0
+        self.transfers: dict[int, tuple[int, float, float | None]] = {}  # in flight: id → (ranks, e, core use)
+
+    def update(self) -> bool:
+        """Recompute factor and compute_speed from jobs and transfers; True if either changed."""
+        factor = min(1.0, self.cores / self.jobs) if self.jobs > 0 else 1.0
+        compute_jobs = self.jobs - sum(n for n, _, _ in self.transfers.values())
+        speed = factor
+        if compute_jobs > 0 and factor < 1.0:
+            used = sum(n * (factor**e if use is None else use) for n, e, use in self.transfers.values())
+            speed = min(1.0, max(factor, (self.cores - used) / compute_jobs))
+        changed = factor != self.factor or speed != self.compute_speed
+        self.factor, self.compute_speed = factor, speed
+        return changed
 
 
 class Simulation:
@@ -128,6 +150,10 @@ class Simulation:
     comm_tail_us: per op (row order), how long a rank stays in its collective after the
     collective ends (a live rank that noticed the end late: its thread off the core); the
     others are released at the end. With trace_tails the traced tails decide instead.
+    comm_core_use: on a cpu cluster, the share of a core each rank of a collective timed from
+    dur_us takes from compute while in flight, as a function of its payload bytes
+    (CommModel.core_use_at); without it a transfer takes what it progresses at
+    (factor ** exponent). Only ops the engine may slow (modelled durations) feel it.
     """
 
     def __init__(
@@ -146,6 +172,7 @@ class Simulation:
         trace_tails: bool = False,
         comm_load_exponent: float | Callable[[float], float] = 0.0,
         comm_tail_us: np.ndarray | None = None,
+        comm_core_use: Callable[[float], float] | None = None,
     ):
         self.ops = ops
         self.cluster = cluster
@@ -211,6 +238,7 @@ class Simulation:
                 raise SimulationError(f"comm_load_exponent must be ≥ 0, got {comm_load_exponent}")
             comm_load_exponent = (lambda e: lambda _bytes: e)(float(comm_load_exponent))
         self.comm_load_exponent = comm_load_exponent if self.cpu is not None else (lambda _bytes: 0.0)
+        self.comm_core_use = comm_core_use
         self._comm_tail: list[float] | None = None
         if comm_tail_us is not None:
             tail = np.asarray(comm_tail_us, dtype=np.float64)
@@ -534,7 +562,7 @@ class Simulation:
 
     def _speed(self, rank: int) -> float:
         if self.cpu is not None:
-            return self.cpu.factor
+            return self.cpu.compute_speed
         return 1.0 - self.share if self.comm_active[rank] else 1.0
 
     def _interrupt(self, pool: int) -> None:
@@ -544,11 +572,11 @@ class Simulation:
     def _cpu_jobs(self, delta: int) -> None:
         cpu = self.cpu
         cpu.jobs += delta
-        factor = min(1.0, cpu.cores / cpu.jobs) if cpu.jobs > 0 else 1.0
-        if factor != cpu.factor:
-            cpu.factor = factor
+        before = cpu.factor
+        if cpu.update():
             self._interrupt(-1)
-            self.net.set_scale(factor)
+            if cpu.factor != before:
+                self.net.set_scale(cpu.factor)
 
     def _compute(self, i: int, work_us: float, rank: int):
         env = self.env
@@ -614,8 +642,6 @@ class Simulation:
         if self._comm_tail is not None:  # (trace_tails below replaces these with the traced ones)
             for p in members:
                 self._tail_extra[p] = self._comm_tail[p]
-        if self.cpu is not None:
-            self._cpu_jobs(+len(members))
         unsized = (
             self.unsized_from_trace
             and not self.comm_from_trace
@@ -625,7 +651,14 @@ class Simulation:
         )
         if unsized:
             self.stats.notes["unsized_collectives_from_trace"] = self.stats.notes.get("unsized_collectives_from_trace", 0) + 1
-        if self.comm_from_trace or unsized:
+        traced = self.comm_from_trace or unsized
+        # modelled transfers share the cores plainly (exponent 1); traced ones by their load exponent
+        exponent = self.comm_load_exponent(float(np.mean(self.coll_bytes[members]))) if traced else 1.0
+        if self.cpu is not None:
+            use = self.comm_core_use(float(np.mean(self.coll_bytes[members]))) if traced and self.comm_core_use else None
+            self.cpu.transfers[id(rdv)] = (len(members), exponent, use)
+            self._cpu_jobs(+len(members))
+        if traced:
             if self.trace_tails:
                 # each rank keeps its traced tail after the last arrival (own end − last start):
                 # the collective releases all after the shortest tail, the others keep the rest
@@ -639,7 +672,6 @@ class Simulation:
                 # is the transfer (also right when dur_us holds a predicted transfer time)
                 t = max(min(self.dur[p] for p in members), 0.0)
             if t > 0:
-                exponent = self.comm_load_exponent(float(np.mean(self.coll_bytes[members])))
                 if exponent > 0:  # slowed while the cores are shared
                     yield from self._shared_work(-1, t, lambda: self.cpu.factor**exponent)
                 else:
@@ -651,6 +683,7 @@ class Simulation:
                 if flows:
                     yield self.net.transfer(flows)
         if self.cpu is not None:
+            del self.cpu.transfers[id(rdv)]
             self._cpu_jobs(-len(members))
         rdv.event.succeed()
 

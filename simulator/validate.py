@@ -25,7 +25,8 @@ curve through the references too, as a local copy grows with its payload; each r
 late return from a collective and late start of the step come along unchanged),
 simulator.engine replays the graphs on a cpu-loopback cluster (processor sharing over
 this machine's cores; a transfer in flight while its ranks compute is slowed by the
-cores' share too, by the calibration's comm load exponent at its payload); the median
+cores' share too, by the calibration's comm load exponent at its payload, and takes the
+calibrated share of a core from their compute); the median
 replayed step is the prediction. A second figure (predicted_step_us_corrected) multiplies
 it by the measured / replayed step time of the references themselves, piecewise-linear
 through the references' ratios (`Reference.replay_factor_at`). It was the headline until
@@ -355,7 +356,7 @@ def spread(items: list, n: int) -> list:
     return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
-def simulate_steps(graphs: list[StepGraph], comm: CommModel, cores: int, slow_under_comm: bool = False
+def simulate_steps(graphs: list[StepGraph], comm: CommModel, cores: int, slow_under_comm: bool | None = None
                    ) -> tuple[float, float | None, float]:
     """Median replayed step time (µs), overlap % and the fastest replayed step (µs) over the
     per-step graphs. Overlap is pooled as the live side's is (measured_overlap_pct: one
@@ -420,19 +421,25 @@ def note_insitu_comm(g: StepGraph, comm: CommModel) -> StepGraph:
     return g
 
 
-def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: bool = False
+def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: bool | None = None
                    ) -> tuple[float, dict, pa.Table]:
     """Replay a step graph on cpu-loopback: (step time µs, its traces.overlap metrics,
     simulated ops). With note_insitu_comm's notes each collective takes its in-situ time,
     each rank keeps its traced tail after it, and a rank that began its traced step late
     begins late here too.
 
-    slow_under_comm: let the engine slow compute while transfers share the cores (off by
-    default: the reference's durations already carry the contention they ran under)."""
+    slow_under_comm: let the engine slow compute while transfers are in flight, each taking
+    the calibrated share of a core (CommModel.core_use_at) from its ranks' compute: the
+    references' compute ran beside none (sequential schedule), a shortcut step's dense
+    branch runs beside the all-to-all. Default: on when the calibration measured the core
+    use (calibrations before 2026-12-05 did not: then off, the older behaviour)."""
     from simulator.cluster import cpu_loopback
     from simulator.engine import simulate
     from traces.overlap import compute_metrics
 
+    core_use = bool(getattr(comm, "core_use_points", None))
+    if slow_under_comm is None:
+        slow_under_comm = core_use
     g = g.copy()
     insitu, model_ref = g.notes.get("comm_insitu_us"), g.notes.get("comm_model_ref_us")
     for i in range(g.n):
@@ -457,7 +464,8 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: b
         ops = ops.set_column(ops.schema.get_field_index("dur_us"), "dur_us", zero)
     cluster = cpu_loopback(int(g.rank.max()) + 1, cores)
     sim = simulate(ops, cluster, comm_from_trace=True, gap_us=gap, compute_time=lambda _t, _c: durations,
-                   comm_load_exponent=comm.load_exponent_at, comm_tail_us=g.notes.get("comm_tail_us"))
+                   comm_load_exponent=comm.load_exponent_at, comm_tail_us=g.notes.get("comm_tail_us"),
+                   comm_core_use=comm.core_use_at if core_use else None)
     # as live: a step lasts as long as its slowest rank, each from its own start
     end = sim.column("start_us").to_numpy() + sim.column("dur_us").to_numpy()
     rank = sim.column("rank").to_numpy()

@@ -94,6 +94,45 @@ def test_comm_load_exponent_is_recovered_and_round_trips(tmp_path):
         load_calibration(tmp_path / "bad.json")
 
 
+def test_core_use_is_recovered_and_round_trips(tmp_path):
+    """n compute loops beside n transfers on `cores`: each loop runs at
+    (cores − n · use) / n of a core, its run-in pace min(1, cores / n); the fit inverts that
+    per size from the median pace ratio."""
+    rng = np.random.default_rng(7)
+    points = _load_points(2.5, 0.5)
+    uses = [0.05, 0.1, 0.2]
+    for p, use in zip(points, uses):  # 2 ranks, 2 cores: run-in pace 1, in flight 1 − use
+        p["compute_speed_all"] = list((1 - use) * rng.uniform(0.97, 1.03, 41))
+    load = fit_comm_load(points, cores=2)
+    assert [s["core_use"] for s in load["sizes"]] == pytest.approx(uses, abs=0.01)
+    # 4 ranks on 2 cores: run-in pace 1/2; a use of 0.1 leaves (2 − 0.4) / 4 = 0.4, a ratio of 0.8
+    four = _load_points(1.5, 0.25, world_size=4)
+    for p in four:
+        p["compute_speed_all"] = [0.8] * 41
+    assert [s["core_use"] for s in fit_comm_load(four, cores=2)["sizes"]] == pytest.approx([0.1] * 3)
+    compute, comm = _synthetic_points()
+    cal = fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x", load)
+    write_calibration(cal, tmp_path / "c.json")
+    model = load_calibration(tmp_path / "c.json")[2]
+    sizes = [p["coll_bytes"] for p in load["sizes"]]
+    assert model.core_use_points == pytest.approx(list(zip(sizes, [s["core_use"] for s in load["sizes"]])))
+    # log-linear between sizes, held beyond
+    u0, u1 = model.core_use_points[0][1], model.core_use_points[1][1]
+    assert model.core_use_at((sizes[0] * sizes[1]) ** 0.5) == pytest.approx((u0 + u1) / 2)
+    assert model.core_use_at(sizes[0] / 16) == pytest.approx(u0)
+    assert model.core_use_at(sizes[-1] * 16) == pytest.approx(model.core_use_points[-1][1])
+    # a sweep without the compute pace (calibrations before it): no core use, 0 everywhere
+    old = fit_comm_load(_load_points(2.5, 0.5), cores=2)
+    assert all("core_use" not in s for s in old["sizes"])
+    write_calibration(fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x", old), tmp_path / "old.json")
+    old_model = load_calibration(tmp_path / "old.json")[2]
+    assert old_model.core_use_points == [] and old_model.core_use_at(1e6) == 0.0
+    cal["comm_load"]["sizes"][1]["core_use"] = 1.5
+    write_calibration(cal, tmp_path / "bad.json")
+    with pytest.raises(SimulationError, match=r"bad.json: comm_load.sizes core_use must be a number in \[0, 1\], got 1.5"):
+        load_calibration(tmp_path / "bad.json")
+
+
 def test_wrong_backend_or_world_size_and_missing_file(tmp_path):
     compute, comm = _synthetic_points()
     write_calibration(fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x"), tmp_path / "c.json")

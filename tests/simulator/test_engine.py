@@ -139,6 +139,40 @@ def test_timed_transfer_under_compute_shares_the_cores():
     assert t[1][1] == pytest.approx(60.0 + (100.0 - 60.0 * 0.25))
 
 
+def test_compute_beside_a_timed_transfer_gets_the_cores_it_leaves():
+    # Two ranks on two cores, each computing 1000 µs of modelled work (dur 0: the engine may
+    # slow it) beside a 2-rank collective of 100 µs at idle speed: 4 jobs, a share of 0.5.
+    c = get_cluster("cpu-loopback", gpus=2, cores=2)
+    ops = Ops()
+    for r in range(2):
+        ops.add(r, "main", dur=0.0)
+        ops.add(r, "comm", "comm", coll="all_to_all", group="0,1", coll_bytes=1.0, seq=0, dur=100.0)
+    table = ops.table()
+    work = lambda t, _c: np.where(np.asarray(t.column("kind").to_pylist()) == "comm", 100.0, 1000.0)  # noqa: E731
+
+    def ends(**kw):
+        t = _by_id(simulate(table, c, comm_from_trace=True, compute_time=work, **kw))
+        return t[0][1], t[1][1]
+
+    # exponent 1, no core use: plain processor sharing, all at 0.5 → transfer 200 µs, compute
+    # 1000 − 200 · 0.5 = 900 µs of work left after it
+    assert ends(comm_load_exponent=1.0) == pytest.approx((200.0 + 900.0, 200.0))
+    # exponent 2: the transfer progresses at 0.25 (400 µs) and so uses 0.25 of a core per
+    # rank: compute gets (2 − 2 · 0.25) / 2 = 0.75 → 1000 − 300 left after 400 µs
+    assert ends(comm_load_exponent=2.0) == pytest.approx((400.0 + 700.0, 400.0))
+    # a calibrated core use of 0.1 per rank: compute at (2 − 0.2) / 2 = 0.9 while in flight
+    assert ends(comm_load_exponent=2.0, comm_core_use=lambda b: 0.1) == pytest.approx((400.0 + 640.0, 400.0))
+    # a core use of 0: compute at full speed
+    assert ends(comm_load_exponent=2.0, comm_core_use=lambda b: 0.0) == pytest.approx((1000.0, 400.0))
+    # a measured duration (dur > 0) is never slowed, whatever the transfer takes
+    ops = Ops()
+    for r in range(2):
+        ops.add(r, "main", dur=1000.0)
+        ops.add(r, "comm", "comm", coll="all_to_all", group="0,1", coll_bytes=1.0, seq=0, dur=100.0)
+    t = _by_id(simulate(ops.table(), c, comm_from_trace=True, comm_load_exponent=2.0, comm_core_use=lambda b: 0.5))
+    assert (t[0][1], t[1][1]) == pytest.approx((1000.0, 400.0))
+
+
 def test_a_rank_tail_holds_only_that_rank_after_the_collective():
     # Rank 1 arrives 20 µs late at a 30 µs all-to-all; rank 0 keeps a 15 µs tail: its comm op
     # ends 15 µs after the collective's end and its next op waits for it, rank 1 goes on at once.

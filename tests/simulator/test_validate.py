@@ -159,11 +159,12 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
                 "measured_overlap_pct"} <= set(c)
         assert c["reference"] != c["name"]
         assert c["measured_steps"] == 4 * 4 and c["repeats"] == 4
-    # The issue asks for median |error| <= 10 % here. These exact settings (4 rounds)
-    # measured 1.7, 3.9, 6.4 and 3.2 % back to back, but 10.6 % in a full-suite run on the
-    # same 2-core machine minutes later (README, "Calibration and validation"), so 10 % would
-    # fail on machine noise now and then. The bound below catches a broken pipeline (wrong
-    # scaling, lost waits: errors of 2x and more) without letting noise block a landing.
+    # The issue asks for median |error| <= 10 % here. These exact settings (16 steps per
+    # config) measured 1.4-8.4 % in six runs on this 2-core machine (2026-12-04/05), but
+    # 10.6 % once in a full-suite run and 26.8 % once when another process ran for ~15 s of
+    # the 30 s capture (README, "Calibration and validation"), so 10 % would fail on machine
+    # noise now and then. The bound below catches a broken pipeline (wrong scaling, lost waits: errors of
+    # 2x and more) without letting ordinary noise block a landing.
     errors = [c["error_pct"] for c in val["configs"]]
     assert val["median_abs_error_pct"] <= 25.0, errors
     assert all(c["predicted_step_us"] / c["measured_step_us"] < 2 and c["measured_step_us"] / c["predicted_step_us"] < 2
@@ -289,6 +290,40 @@ def _exchange_step(ranks):
             dict(id=i + 3, rank=rank, name="aten::mul", label="L0/experts", start_us=issue + 0.5 + span + 1, dur_us=5.0),
         ]
     return _step_ops(rows)
+
+
+def test_compute_beside_an_exchange_loses_the_calibrated_core_use():
+    """Two ranks on two cores: each computes 10 µs, issues a 100 µs all-to-all and computes
+    50 µs beside it (the shortcut's dense branch). Without a calibrated core use the
+    compute keeps its traced 50 µs; each rank's transfer taking 0.5 of a core leaves
+    (2 − 2 · 0.5) / 2 = 0.5 to compute: 99.5 µs at half speed until the all-to-all ends at
+    111, the last 0.25 µs at full speed. The compute before the exchange is untouched."""
+    from simulator.transforms import step_graph
+    from simulator.validate import note_insitu_comm, simulate_graph
+
+    rows = []
+    for rank in range(2):
+        i = 10 * rank
+        rows += [
+            dict(id=i, rank=rank, name="aten::linear", label="L0/attn0", start_us=0.0, dur_us=10.0),
+            dict(id=i + 1, rank=rank, kind="host", name="c10d::alltoall_base_", label="L0/dispatch", start_us=10.0,
+                 dur_us=1.0),
+            dict(id=i + 2, rank=rank, lane="cpu:gloo", kind="comm", name="gloo:all_to_all", label="L0/dispatch",
+                 coll="all_to_all", start_us=10.5, dur_us=100.0, coll_bytes=1000.0, deps=[i + 1]),
+            dict(id=i + 3, rank=rank, name="aten::linear", label="L0/dense", start_us=11.5, dur_us=50.0),
+        ]
+    comm = _LinearComm(1000.0 / 95.0, load_exponent=0.0)  # model 100 µs = in situ: no stall
+    g = note_insitu_comm(step_graph(_step_ops(rows)), comm)
+
+    def dense_durations():
+        _, _, sim = simulate_graph(g, comm, 2)
+        by = dict(zip(zip(sim.column("rank").to_pylist(), sim.column("label").to_pylist()), sim.column("dur_us").to_pylist()))
+        return by[(0, "L0/attn0")], by[(0, "L0/dense")], by[(1, "L0/dense")]
+
+    assert dense_durations() == pytest.approx((10.0, 50.0, 50.0))
+    comm.core_use_points = [(1000.0, 0.5)]
+    comm.core_use_at = lambda _bytes: 0.5
+    assert dense_durations() == pytest.approx((10.0, 99.75, 99.75))
 
 
 @pytest.mark.parametrize("per_us,expected", [
