@@ -160,7 +160,7 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
         assert c["reference"] != c["name"]
         assert c["measured_steps"] == 4 * 4 and c["repeats"] == 4
     # The issue asks for median |error| <= 10 % here. These exact settings (16 steps per
-    # config) measured 1.4-8.4 % in six runs on this 2-core machine (2026-12-04/05), but
+    # config) measured 1.4-8.4 % in ten runs on this 2-core machine (2026-12-04/05), but
     # 10.6 % once in a full-suite run and 26.8 % once when another process ran for ~15 s of
     # the 30 s capture (README, "Calibration and validation"), so 10 % would fail on machine
     # noise now and then. The bound below catches a broken pipeline (wrong scaling, lost waits: errors of
