@@ -243,7 +243,7 @@ def comm_load_points(backend: str, world_size: int, sizes_bytes: Sequence[int] =
         for rows in zip(*(r[key] for r in per_rank)):
             idle.append(min(r[1] for r in rows) - max(r[0] for r in rows))
             loaded.append(min(r[3] for r in rows) - max(r[2] for r in rows))
-            # the compute loop's pace while its transfer was in flight (chunks done × idle chunk time)
+            # the compute loop's pace in flight: matmuls done × the run-in's time per matmul / time in flight
             speed.append(statistics.mean(row[4] * row[5] / (row[3] - row[2]) for row in rows))
         points.append({"coll": "all_to_all", "world_size": world_size, "coll_bytes": float(key),
                        "idle_us_all": idle, "loaded_us_all": loaded, "compute_speed_all": speed,

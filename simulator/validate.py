@@ -31,8 +31,8 @@ replayed step is the prediction. A second figure (predicted_step_us_corrected) m
 it by the measured / replayed step time of the references themselves, piecewise-linear
 through the references' ratios (`Reference.replay_factor_at`). It was the headline until
 six runs (two full, four --quick, 2026-12-04) showed it adds the references' own noise:
-the smallest reference replays 7-14 % long in every run while the configs next to it do
-not, and the corrected median |error| was the larger in 5 of the 6.
+the smallest w2 prefill reference replays 7-18 % long in every run while the configs next
+to it do not, and the corrected median |error| was the larger in 5 of the 6.
 Measured: the median over the pooled steps of its live visits (a step lasts as long as
 its slowest rank), and the overlap of the pooled traces (at most MAX_PARSED_VISITS
 visits). Overlap uses traces.overlap.compute_metrics on both sides, after marking the ops
