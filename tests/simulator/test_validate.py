@@ -301,29 +301,36 @@ def test_compute_beside_an_exchange_loses_the_calibrated_core_use():
     from simulator.transforms import step_graph
     from simulator.validate import note_insitu_comm, simulate_graph
 
+    comm = _LinearComm(1000.0 / 95.0, load_exponent=0.0)  # model 100 µs = in situ: no stall
+    g = note_insitu_comm(step_graph(_shortcut_step(1.0, 10.5, 100.0, 11.5, 50.0)), comm)
+
+    def dense_durations():
+        _, _, sim = simulate_graph(g, comm, 2)
+        by = dict(zip(zip(sim.column("rank").to_pylist(), sim.column("label").to_pylist()), sim.column("dur_us").to_pylist()))
+        return by[(0, "L0/attn0")], by[(0, "L0/mlp0")], by[(1, "L0/mlp0")]
+
+    assert dense_durations() == pytest.approx((10.0, 50.0, 50.0))
+    comm.core_use_points = [(1000.0, 0.5)]
+    comm.core_use_at = lambda _bytes: 0.5
+    assert dense_durations() == pytest.approx((10.0, 99.75, 99.75))
+
+
+def _shortcut_step(issue_us, comm_start, comm_us, work_start, work_us):
+    """A traced step on 2 ranks: 10 µs of attention, the all-to-all's issuer (`issue_us`
+    from 10 µs), its gloo op (1000 bytes, from `comm_start` for `comm_us`) and `work_us`
+    of compute from `work_start` beside it (the shortcut's dense branch)."""
     rows = []
     for rank in range(2):
         i = 10 * rank
         rows += [
             dict(id=i, rank=rank, name="aten::linear", label="L0/attn0", start_us=0.0, dur_us=10.0),
             dict(id=i + 1, rank=rank, kind="host", name="c10d::alltoall_base_", label="L0/dispatch", start_us=10.0,
-                 dur_us=1.0),
+                 dur_us=issue_us),
             dict(id=i + 2, rank=rank, lane="cpu:gloo", kind="comm", name="gloo:all_to_all", label="L0/dispatch",
-                 coll="all_to_all", start_us=10.5, dur_us=100.0, coll_bytes=1000.0, deps=[i + 1]),
-            dict(id=i + 3, rank=rank, name="aten::linear", label="L0/dense", start_us=11.5, dur_us=50.0),
+                 coll="all_to_all", start_us=comm_start, dur_us=comm_us, coll_bytes=1000.0, deps=[i + 1]),
+            dict(id=i + 3, rank=rank, name="aten::mm", label="L0/mlp0", start_us=work_start, dur_us=work_us),
         ]
-    comm = _LinearComm(1000.0 / 95.0, load_exponent=0.0)  # model 100 µs = in situ: no stall
-    g = note_insitu_comm(step_graph(_step_ops(rows)), comm)
-
-    def dense_durations():
-        _, _, sim = simulate_graph(g, comm, 2)
-        by = dict(zip(zip(sim.column("rank").to_pylist(), sim.column("label").to_pylist()), sim.column("dur_us").to_pylist()))
-        return by[(0, "L0/attn0")], by[(0, "L0/dense")], by[(1, "L0/dense")]
-
-    assert dense_durations() == pytest.approx((10.0, 50.0, 50.0))
-    comm.core_use_points = [(1000.0, 0.5)]
-    comm.core_use_at = lambda _bytes: 0.5
-    assert dense_durations() == pytest.approx((10.0, 99.75, 99.75))
+    return _step_ops(rows)
 
 
 @pytest.mark.parametrize("per_us,expected", [
@@ -420,18 +427,7 @@ def test_a_transfer_beside_compute_is_slowed_by_the_cores_share():
     import simulator.validate as v
     from simulator.transforms import step_graph
 
-    rows = []
-    for rank in range(2):
-        i = 10 * rank
-        rows += [
-            dict(id=i, rank=rank, name="aten::linear", label="L0/attn0", start_us=0.0, dur_us=10.0),
-            dict(id=i + 1, rank=rank, kind="host", name="c10d::alltoall_base_", label="L0/dispatch", start_us=10.0,
-                 dur_us=0.0),
-            dict(id=i + 2, rank=rank, lane="cpu:gloo", kind="comm", name="gloo:all_to_all", label="L0/dispatch",
-                 coll="all_to_all", start_us=10.0, dur_us=15.0, coll_bytes=1000.0, deps=[i + 1]),
-            dict(id=i + 3, rank=rank, name="aten::mm", label="L0/mlp0", start_us=10.0, dur_us=100.0),
-        ]
-    g = step_graph(_step_ops(rows))
+    g = step_graph(_shortcut_step(0.0, 10.0, 15.0, 10.0, 100.0))
 
     def comm_durations(exponent):
         _, _, sim = v.simulate_graph(g, _LinearComm(100.0, exponent), cores=2)
