@@ -653,9 +653,10 @@ class Simulation:
             self.stats.notes["unsized_collectives_from_trace"] = self.stats.notes.get("unsized_collectives_from_trace", 0) + 1
         traced = self.comm_from_trace or unsized
         # modelled transfers share the cores plainly (exponent 1); traced ones by their load exponent
-        exponent = self.comm_load_exponent(float(np.mean(self.coll_bytes[members]))) if traced else 1.0
+        payload = float(np.mean(self.coll_bytes[members])) if traced else 0.0
+        exponent = self.comm_load_exponent(payload) if traced else 1.0
         if self.cpu is not None:
-            use = self.comm_core_use(float(np.mean(self.coll_bytes[members]))) if traced and self.comm_core_use else None
+            use = self.comm_core_use(payload) if traced and self.comm_core_use else None
             self.cpu.transfers[id(rdv)] = (len(members), exponent, use)
             self._cpu_jobs(+len(members))
         if traced:
