@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run nothing: combine these validation dirs (matrix subsets) into -o VAL")
     parser.add_argument("--repredict", action="store_true",
                         help="run nothing live: predict again from the runs in VAL/runs and rewrite VAL/validation.json")
+    parser.add_argument("--comm-load", choices=("exponent", "delay"), default="exponent",
+                        help="how a transfer slows while its ranks compute, in the replays: 'exponent' (default) "
+                             "runs it at share ** e of its speed, e per payload from the calibration's load sweep; "
+                             "'delay' adds the sweep's loaded - idle time instead (a wait for a core, the same at "
+                             "every payload); README 'Calibration and validation' compares them")
     parser.add_argument("--modes", default="prefill,train", help="subset of the matrix: comma-separated modes (default prefill,train)")
     parser.add_argument("--world-sizes", default="1,2", help="subset of the matrix: comma-separated world sizes (default 1,2)")
 
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.calibration is None:
             raise UsageError("--repredict needs --calibration CAL")
-        result = repredict(args.out, args.calibration)
+        result = repredict(args.out, args.calibration, comm_load=args.comm_load)
         _print_summary(result, args.out)
         return 0
     if args.steps < 1 or args.warmup < 0 or repeats < 1 or pairs < 0 or not 0 <= seconds < float("inf"):
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                          f"and world size in {sorted(sizes)}")
     result = validate(args.out, cal, quick=args.quick, steps=args.steps, warmup=args.warmup, configs=configs,
                       repeats=repeats, speedup_pairs=pairs, speedup_seconds=seconds,
-                      speedup_profiled=args.speedup_profiled)
+                      speedup_profiled=args.speedup_profiled, comm_load=args.comm_load)
     _print_summary(result, args.out)
     return 0
 

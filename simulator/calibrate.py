@@ -589,6 +589,13 @@ def load_calibration(path: str | os.PathLike, backend: str | None = None, world_
             if not isinstance(use, (int, float)) or not 0 <= use <= 1:
                 raise SimulationError(f"{target}: comm_load.sizes core_use must be a number in [0, 1], got {use!r}")
             comm.core_use_points.append((float(point[0]), float(use)))
+        share = load.get("share")
+        if load.get("measured") and isinstance(share, (int, float)) and 0 < share < 1:
+            # the alternative additive model (CommModel.load_delay_at; validate --comm-load delay)
+            idle, loaded = size.get("idle_us"), size.get("loaded_us")
+            if not all(isinstance(v, (int, float)) and v > 0 for v in (idle, loaded)):
+                raise SimulationError(f"{target}: comm_load.sizes needs idle_us and loaded_us > 0 per size, got {size!r}")
+            comm.load_delay_points.append((float(point[0]), max(0.0, loaded - idle) / (1 / share - 1)))
     return cal, compute, comm
 
 

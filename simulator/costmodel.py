@@ -533,12 +533,27 @@ class CommModel:
     load_points: (payload bytes, exponent) per size of the calibration's load sweep, for
     load_exponent_at; core_use_points: (payload bytes, share of a core each rank's transfer
     takes from compute while in flight) per size, for core_use_at (none in calibrations
-    before the sweep timed its compute loop)."""
+    before the sweep timed its compute loop); load_delay_points: (payload bytes, µs a
+    loaded transfer waits for a core per runnable job beyond one per core: the sweep's
+    median loaded − idle time over 1 / share − 1) per size, for load_delay_at; load_model:
+    which of the two a replay uses, "exponent" (the default) or "delay"."""
 
     fits: dict[tuple[str, int], CommFit] = field(default_factory=dict)
     load_exponent: float = 1.0
     load_points: list[tuple[float, float]] = field(default_factory=list)
     core_use_points: list[tuple[float, float]] = field(default_factory=list)
+    load_delay_points: list[tuple[float, float]] = field(default_factory=list)
+    load_model: str = "exponent"
+
+    def load_delay_at(self, coll_bytes: float) -> float | None:
+        """How long a transfer of `coll_bytes` waits for a core, µs per runnable job beyond
+        one per core (simulator.engine comm_load_delay_us): piecewise-linear in log2(bytes)
+        through load_delay_points, held beyond the outermost; None without points (the
+        engine then uses the load exponent)."""
+        if not self.load_delay_points:
+            return None
+        xs, ds = zip(*sorted(self.load_delay_points))
+        return float(np.interp(np.log2(max(coll_bytes, 1.0)), np.log2(xs), ds))
 
     def core_use_at(self, coll_bytes: float) -> float:
         """The share of a core a transfer of `coll_bytes` takes from each of its ranks'

@@ -40,6 +40,7 @@ Deterministic: no randomness, ordered containers only (`seed` is recorded for ca
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -154,6 +155,13 @@ class Simulation:
     dur_us takes from compute while in flight, as a function of its payload bytes
     (CommModel.core_use_at); without it a transfer takes what it progresses at
     (factor ** exponent). Only ops the engine may slow (modelled durations) feel it.
+    comm_load_delay_us: on a cpu cluster, instead of the exponent: what a collective timed
+    from dur_us waits for a core, in µs per runnable job beyond one per core (1 / factor − 1),
+    as a function of its payload bytes (CommModel.load_delay_at). A transfer of t µs under a
+    constant load then takes t + delay · (1 / factor − 1): its threads sleep on the network
+    and wait a scheduler quantum for a core when they wake, whatever the payload, so the
+    loss is added time, not a share of t (calibrate: loaded − idle ≈ 2.5–3 ms from 256 KiB
+    to 4 MiB). Under a changing load it progresses at t / (t + delay · (1 / factor − 1)).
     """
 
     def __init__(
@@ -173,6 +181,7 @@ class Simulation:
         comm_load_exponent: float | Callable[[float], float] = 0.0,
         comm_tail_us: np.ndarray | None = None,
         comm_core_use: Callable[[float], float] | None = None,
+        comm_load_delay_us: Callable[[float], float] | None = None,
     ):
         self.ops = ops
         self.cluster = cluster
@@ -239,6 +248,7 @@ class Simulation:
             comm_load_exponent = (lambda e: lambda _bytes: e)(float(comm_load_exponent))
         self.comm_load_exponent = comm_load_exponent if self.cpu is not None else (lambda _bytes: 0.0)
         self.comm_core_use = comm_core_use
+        self.comm_load_delay_us = comm_load_delay_us if self.cpu is not None else None
         self._comm_tail: list[float] | None = None
         if comm_tail_us is not None:
             tail = np.asarray(comm_tail_us, dtype=np.float64)
@@ -655,6 +665,9 @@ class Simulation:
         # modelled transfers share the cores plainly (exponent 1); traced ones by their load exponent
         payload = float(np.mean(self.coll_bytes[members])) if traced else 0.0
         exponent = self.comm_load_exponent(payload) if traced else 1.0
+        delay = self.comm_load_delay_us(payload) if traced and self.comm_load_delay_us else None
+        if delay is not None and not (math.isfinite(delay) and delay >= 0):
+            raise SimulationError(f"comm_load_delay_us: expected a finite delay ≥ 0 at {payload:.0f} bytes, got {delay}")
         if self.cpu is not None:
             use = self.comm_core_use(payload) if traced and self.comm_core_use else None
             self.cpu.transfers[id(rdv)] = (len(members), exponent, use)
@@ -673,7 +686,10 @@ class Simulation:
                 # is the transfer (also right when dur_us holds a predicted transfer time)
                 t = max(min(self.dur[p] for p in members), 0.0)
             if t > 0:
-                if exponent > 0:  # slowed while the cores are shared
+                if delay is not None:  # a wait for a core added while the cores are shared
+                    cpu = self.cpu
+                    yield from self._shared_work(-1, t, lambda: t / (t + delay * (1.0 / cpu.factor - 1.0)))
+                elif exponent > 0:  # slowed while the cores are shared
                     yield from self._shared_work(-1, t, lambda: self.cpu.factor**exponent)
                 else:
                     yield env.timeout(t)

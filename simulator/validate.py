@@ -55,7 +55,8 @@ validation.json (DESIGN.md keys + extras):
     schedule every step, median of the pairs' ratios with its distribution-free 95 % interval:
     as many pairs as fit in `--speedup-seconds` (default 60) or `--speedup-pairs`, --quick
     none, profiler off unless `--speedup-profiled`; "measured" is the ratio of the two configs'
-    medians), speedup_within_3pts_alternating (how many sizes),
+    medians), speedup_within_3pts_alternating (how many sizes), comm_load_model ("exponent",
+    the default, or "delay": validate / repredict comm_load, CommModel.load_model),
     references → [{name, run_dirs, measured_step_us, load_1min (one per repeat), replayed_step_us
     (the base moved to this reference's size and replayed; the base: its own replay), base
     (true for the base), steps_used, steps_replayed}], calibration, quick,
@@ -421,6 +422,27 @@ def note_insitu_comm(g: StepGraph, comm: CommModel) -> StepGraph:
     return g
 
 
+COMM_LOAD_MODELS = ("exponent", "delay")
+
+
+def _set_load_model(comm: CommModel, model: str) -> None:
+    if model not in COMM_LOAD_MODELS:
+        raise SimulationError(f"comm load model: expected one of {', '.join(COMM_LOAD_MODELS)}, got {model!r}")
+    comm.load_model = model
+    _delay_model(comm)  # "delay" without points fails here, before anything runs
+
+
+def _delay_model(comm: CommModel) -> bool:
+    """Whether a replay slows transfers by the additive delay (comm.load_model "delay")
+    rather than the load exponent; "delay" without the calibration's points is an error."""
+    if getattr(comm, "load_model", "exponent") != "delay":
+        return False
+    if not comm.load_delay_points:
+        raise SimulationError("comm load model delay: the calibration has no measured load sweep "
+                              "(run `moesim calibrate --backend gloo --world-size 2 -o CAL`)")
+    return True
+
+
 def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: bool | None = None
                    ) -> tuple[float, dict, pa.Table]:
     """Replay a step graph on cpu-loopback: (step time µs, its traces.overlap metrics,
@@ -432,7 +454,10 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: b
     the calibrated share of a core (CommModel.core_use_at) from its ranks' compute: the
     references' compute ran beside none (sequential schedule), a shortcut step's dense
     branch runs beside the all-to-all. Default: on when the calibration measured the core
-    use (calibrations before 2026-12-05 did not: then off, the older behaviour)."""
+    use (calibrations before 2026-12-05 did not: then off, the older behaviour).
+    A transfer in flight while the cores are shared slows by the calibration's load exponent
+    at its payload, or, with comm.load_model "delay" (validate --comm-load delay), waits the
+    sweep's loaded − idle time instead (simulator.engine comm_load_delay_us)."""
     from simulator.cluster import cpu_loopback
     from simulator.engine import simulate
     from traces.overlap import compute_metrics
@@ -465,7 +490,8 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: b
     cluster = cpu_loopback(int(g.rank.max()) + 1, cores)
     sim = simulate(ops, cluster, comm_from_trace=True, gap_us=gap, compute_time=lambda _t, _c: durations,
                    comm_load_exponent=comm.load_exponent_at, comm_tail_us=g.notes.get("comm_tail_us"),
-                   comm_core_use=comm.core_use_at if core_use else None)
+                   comm_core_use=comm.core_use_at if core_use else None,
+                   comm_load_delay_us=comm.load_delay_at if _delay_model(comm) else None)
     # as live: a step lasts as long as its slowest rank, each from its own start
     end = sim.column("start_us").to_numpy() + sim.column("dur_us").to_numpy()
     rank = sim.column("rank").to_numpy()
@@ -484,7 +510,7 @@ def _err(pred: float, meas: float) -> float:
 def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: bool = False, steps: int = 4,
              warmup: int = 2, cores: int | None = None, configs: list[LiveConfig] | None = None,
              log=print, repeats: int = 24, speedup_pairs: int = 0, speedup_seconds: float = 0.0,
-             speedup_profiled: bool = False) -> dict:
+             speedup_profiled: bool = False, comm_load: str = "exponent") -> dict:
     """Capture references and the matrix live (`repeats` rounds), predict each config from
     its group's references, write VAL/validation.json. Per size with both schedules, an
     alternating run measures the speedup a second way: `speedup_pairs` pairs, or (when 0)
@@ -493,6 +519,7 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
     from traces.rundir import VALIDATION_JSON, write_json_atomic
 
     cal, compute_model, comm_model = load_calibration(calibration, backend="gloo")
+    _set_load_model(comm_model, comm_load)
     configs = configs or matrix(quick)
     needed_ws = max(c.world_size for c in configs)
     if cal["world_size"] < needed_ws:
@@ -542,7 +569,7 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
     result.update({"references": ref_rows, "calibration": str(calibration), "quick": quick, "preset": PRESET,
                    "steps": steps, "warmup": warmup, "repeats": repeats, "speedup_pairs": speedup_pairs,
                    "speedup_seconds": speedup_seconds, "speedup_profiled": speedup_profiled,
-                   "cores": cores, "wall_s": round(time.time() - t0, 1)})
+                   "cores": cores, "wall_s": round(time.time() - t0, 1), "comm_load_model": comm_load})
     write_json_atomic(out / VALIDATION_JSON, result)
     write_table(out / "validation.md", result)
     return result
@@ -663,7 +690,8 @@ def _predict_and_measure(cfg: LiveConfig, ref: Reference, comm_model: CommModel,
     return row
 
 
-def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores: int | None = None, log=print) -> dict:
+def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores: int | None = None, log=print,
+              comm_load: str = "exponent") -> dict:
     """Predict again from the runs a previous `validate` captured in VAL/runs (no live runs):
     for changes to the prediction side, and to separate measuring from predicting."""
     from traces.rundir import VALIDATION_JSON, read_json, read_run_json, write_json_atomic
@@ -671,6 +699,7 @@ def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores:
     out = Path(out_dir)
     old = read_json(out / VALIDATION_JSON)
     _, compute_model, comm_model = load_calibration(calibration, backend="gloo")
+    _set_load_model(comm_model, comm_load)
     cores = cores or old.get("cores") or os.cpu_count() or 1
     runs = out / "runs"
     configs = [LiveConfig(c["world_size"], c["mode"], c["schedule"], c["batch"], c["seq"]) for c in old["configs"]]
@@ -703,7 +732,7 @@ def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores:
     result = summarise(rows)
     result.update({"references": ref_rows, "calibration": str(calibration), "quick": old.get("quick"), "preset": PRESET,
                    "steps": old.get("steps"), "warmup": old.get("warmup"), "repeats": old.get("repeats", 1),
-                   "cores": cores, "repredicted": True})
+                   "cores": cores, "repredicted": True, "comm_load_model": comm_load})
     write_json_atomic(out / VALIDATION_JSON, result)
     write_table(out / "validation.md", result)
     return result

@@ -2,6 +2,7 @@
 names the command that creates it; a small live gloo calibration runs end to end."""
 
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +80,25 @@ def test_comm_load_exponent_is_recovered_and_round_trips(tmp_path):
     assert comm_model.load_exponent_at(b0 / 8) == pytest.approx(e0)
     assert comm_model.load_exponent_at(sizes[-1][0] * 8) == pytest.approx(sizes[-1][1])
     assert comm_model.load_exponent_at(0.0) == load["exponent"]
+    # the additive alternative: (median loaded − median idle) / (1 / share − 1) per size, from
+    # the sweep's own points (medians taken here, independently of the fit)
+    expected = [(p["coll_bytes"], (statistics.median(p["loaded_us_all"]) - statistics.median(p["idle_us_all"])) / (1 / 0.5 - 1))
+                for p in _load_points(2.5, 0.5)]
+    assert comm_model.load_delay_points == pytest.approx(expected)
+    assert comm_model.load_model == "exponent"  # used only when asked for (validate --comm-load delay)
+    assert CommModel().load_delay_at(1e6) is None
+    pts = CommModel(load_delay_points=[(1 << 20, 1000.0), (1 << 18, 3000.0)])
+    assert [pts.load_delay_at(b) for b in (1 << 16, 1 << 19, 1 << 24)] == pytest.approx([3000, 2000, 1000])
     two = CommModel(load_exponent=3.0, load_points=[(1 << 20, 2.0), (1 << 18, 4.0)])
     assert [two.load_exponent_at(b) for b in (1 << 16, 1 << 18, 1 << 19, 1 << 20, 1 << 24)] == pytest.approx([4, 4, 3, 2, 2])
     # a calibration without the sweep (older files, NCCL) → plain processor sharing
     write_calibration(fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x"), tmp_path / "old.json")
     assert load_calibration(tmp_path / "old.json")[2].load_exponent == DEFAULT_COMM_LOAD_EXPONENT == 1.0
+    assert load_calibration(tmp_path / "old.json")[2].load_delay_points == []
+    del cal["comm_load"]["sizes"][1]["loaded_us"]
+    write_calibration(cal, tmp_path / "bad.json")
+    with pytest.raises(SimulationError, match=r"bad.json: comm_load.sizes needs idle_us and loaded_us > 0 per size"):
+        load_calibration(tmp_path / "bad.json")
     cal["comm_load"]["sizes"][0]["coll_bytes"] = 0
     write_calibration(cal, tmp_path / "bad.json")
     with pytest.raises(SimulationError, match=r"bad.json: comm_load.sizes needs coll_bytes > 0"):

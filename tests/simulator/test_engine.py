@@ -139,6 +139,38 @@ def test_timed_transfer_under_compute_shares_the_cores():
     assert t[1][1] == pytest.approx(60.0 + (100.0 - 60.0 * 0.25))
 
 
+def test_a_timed_transfer_under_compute_waits_the_calibrated_delay():
+    # Two ranks on two cores, each computing (measured, not slowed) beside a 2-rank collective
+    # of 100 µs at idle speed; a delay of 200 µs per runnable job beyond one per core. 4 jobs
+    # on 2 cores: 1 / share − 1 = 1, so the transfer runs at 100 / (100 + 200) = 1/3 while
+    # both ranks compute, at full speed after.
+    c = get_cluster("cpu-loopback", gpus=2, cores=2)
+
+    def comm_end(compute_us, ranks_computing=2, **kw):
+        ops = Ops()
+        for r in range(ranks_computing):
+            ops.add(r, "main", dur=compute_us)
+        for r in range(2):
+            ops.add(r, "comm", "comm", coll="all_to_all", group="0,1", coll_bytes=1.0, seq=0, dur=100.0)
+        t = simulate(ops.table(), c, comm_from_trace=True, **kw)
+        comm = np.asarray(t.column("kind").to_pylist()) == "comm"
+        return float((t.column("start_us").to_numpy() + t.column("dur_us").to_numpy())[comm].max())
+
+    delay = {"comm_load_delay_us": lambda b: 200.0}
+    # loaded throughout: the delay is added, whatever the exponent says
+    assert comm_end(1000.0, **delay) == pytest.approx(300.0)
+    assert comm_end(1000.0, comm_load_exponent=2.0, **delay) == pytest.approx(300.0)
+    # loaded for the first 60 µs: 20 µs of progress, the other 80 at full speed
+    assert comm_end(60.0, **delay) == pytest.approx(60.0 + 80.0)
+    # one rank computing: 3 jobs, 1 / share − 1 = 1/2 → 100 / (100 + 100), 200 µs loaded throughout
+    assert comm_end(1000.0, ranks_computing=1, **delay) == pytest.approx(200.0)
+    # a delay of 0: no slowdown even with an exponent; no compute: no slowdown
+    assert comm_end(1000.0, comm_load_exponent=2.0, comm_load_delay_us=lambda b: 0.0) == pytest.approx(100.0)
+    assert comm_end(1000.0, ranks_computing=0, **delay) == pytest.approx(100.0)
+    with pytest.raises(SimulationError, match="comm_load_delay_us: expected a finite delay ≥ 0 at 1 bytes, got -1.0"):
+        comm_end(10.0, comm_load_delay_us=lambda b: -1.0)
+
+
 def test_compute_beside_a_timed_transfer_gets_the_cores_it_leaves():
     # Two ranks on two cores, each computing 1000 µs of modelled work (dur 0: the engine may
     # slow it) beside a 2-rank collective of 100 µs at idle speed: 4 jobs, a share of 0.5.

@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from moesim.cli import main
+from simulator.errors import SimulationError
 from simulator.validate import (
     REFERENCE_SIZE, LiveConfig, mark_sync, matrix, pooled_ops, pooled_steps_us, reference_of, references_of, rep_dirs,
     summarise,
@@ -193,6 +195,12 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
             assert after[key] == before[key], key
     for key in ("measured_alternating", "measured_alternating_ci95", "alternating_pairs"):
         assert [s[key] for s in again["speedups"]] == [s[key] for s in val["speedups"]], key
+    # the additive load model on the same runs: the measurements stay, the replays change
+    assert main(["validate", "--repredict", "--comm-load", "delay", "--calibration", str(cal), "-o", str(tmp_path / "VAL")]) == 0
+    delay = json.loads((tmp_path / "VAL" / "validation.json").read_text())
+    assert (again["comm_load_model"], delay["comm_load_model"]) == ("exponent", "delay")
+    assert [c["measured_step_us"] for c in delay["configs"]] == [c["measured_step_us"] for c in val["configs"]]
+    assert any(d["predicted_step_us"] != v["predicted_step_us"] for d, v in zip(delay["configs"], val["configs"]))
 
 
 def test_merge_recomputes_the_summary(tmp_path, capsys):
@@ -313,6 +321,34 @@ def test_compute_beside_an_exchange_loses_the_calibrated_core_use():
     comm.core_use_points = [(1000.0, 0.5)]
     comm.core_use_at = lambda _bytes: 0.5
     assert dense_durations() == pytest.approx((10.0, 99.75, 99.75))
+
+
+def test_the_delay_model_adds_the_calibrated_wait_to_an_exchange_beside_compute():
+    """The same step with 1000 µs of dense compute beside the 100 µs all-to-all on each rank
+    (measured: not slowed): under the exponent 0 the exchange keeps its 100 µs; with
+    comm_load "delay" and 200 µs per runnable job beyond one per core (4 jobs on 2 cores:
+    one beyond per core) it takes 100 + 200. "delay" without the calibration's points, or an
+    unknown model, is refused before anything runs."""
+    from simulator.costmodel import CommModel
+    from simulator.transforms import step_graph
+    from simulator.validate import _set_load_model, note_insitu_comm, simulate_graph
+
+    comm = _LinearComm(1000.0 / 95.0, load_exponent=0.0)  # model 100 µs = in situ: no stall
+    g = note_insitu_comm(step_graph(_shortcut_step(1.0, 11.0, 100.0, 11.0, 1000.0)), comm)
+
+    def exchange_us():
+        _, _, sim = simulate_graph(g, comm, 2)
+        kind = np.asarray(sim.column("kind").to_pylist())
+        return sorted(sim.column("dur_us").to_numpy()[kind == "comm"].tolist())
+
+    assert exchange_us() == pytest.approx([100.0, 100.0])
+    comm.load_model, comm.load_delay_points = "delay", [(1000.0, 200.0)]
+    comm.load_delay_at = lambda _bytes: 200.0
+    assert exchange_us() == pytest.approx([300.0, 300.0])
+    with pytest.raises(SimulationError, match=r"comm load model delay: the calibration has no measured load sweep"):
+        _set_load_model(CommModel(), "delay")
+    with pytest.raises(SimulationError, match=r"comm load model: expected one of exponent, delay, got 'share'"):
+        _set_load_model(CommModel(), "share")
 
 
 def _shortcut_step(issue_us, comm_start, comm_us, work_start, work_us):
