@@ -525,6 +525,12 @@ def fit_comm(coll: str, world_size: int, coll_bytes: Sequence[float], dur_us: Se
     return fit
 
 
+def _log_interp(points: list[tuple[float, float]], coll_bytes: float) -> float:
+    """(payload bytes, value) points, piecewise-linear in log2(bytes), held beyond the outermost."""
+    xs, ys = zip(*sorted(points))
+    return float(np.interp(np.log2(max(coll_bytes, 1.0)), np.log2(xs), ys))
+
+
 @dataclass
 class CommModel:
     """Fitted collectives keyed by (coll, world size); falls back to the pooled link fit.
@@ -550,19 +556,13 @@ class CommModel:
         one per core (simulator.engine comm_load_delay_us): piecewise-linear in log2(bytes)
         through load_delay_points, held beyond the outermost; None without points (the
         engine then uses the load exponent)."""
-        if not self.load_delay_points:
-            return None
-        xs, ds = zip(*sorted(self.load_delay_points))
-        return float(np.interp(np.log2(max(coll_bytes, 1.0)), np.log2(xs), ds))
+        return _log_interp(self.load_delay_points, coll_bytes) if self.load_delay_points else None
 
     def core_use_at(self, coll_bytes: float) -> float:
         """The share of a core a transfer of `coll_bytes` takes from each of its ranks'
         compute while in flight: piecewise-linear in log2(bytes) through core_use_points,
         held beyond the outermost; 0 without points."""
-        if not self.core_use_points:
-            return 0.0
-        xs, us = zip(*sorted(self.core_use_points))
-        return float(np.interp(np.log2(max(coll_bytes, 1.0)), np.log2(xs), us))
+        return _log_interp(self.core_use_points, coll_bytes) if self.core_use_points else 0.0
 
     def load_exponent_at(self, coll_bytes: float) -> float:
         """The load exponent of a transfer of `coll_bytes`: piecewise-linear in log2(bytes)
@@ -571,8 +571,7 @@ class CommModel:
         share of the transfer); load_exponent without points or bytes."""
         if not self.load_points or not coll_bytes > 0:
             return self.load_exponent
-        xs, es = zip(*sorted(self.load_points))
-        return float(np.interp(np.log2(coll_bytes), np.log2(xs), es))
+        return _log_interp(self.load_points, coll_bytes)
 
     def predict_us(self, coll: str, n: int, coll_bytes: float, splits: Sequence[float] = (), rank_in_group: int = -1) -> float:
         wire = wire_bytes(coll, n, coll_bytes, splits, rank_in_group)

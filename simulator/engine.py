@@ -160,7 +160,7 @@ class Simulation:
     as a function of its payload bytes (CommModel.load_delay_at). A transfer of t µs under a
     constant load then takes t + delay · (1 / factor − 1): its threads sleep on the network
     and wait a scheduler quantum for a core when they wake, whatever the payload, so the
-    loss is added time, not a share of t (calibrate: loaded − idle ≈ 2.5–3 ms from 256 KiB
+    loss is added time, not a share of t (calibrate: loaded − idle 2.3–3.0 ms from 256 KiB
     to 4 MiB). Under a changing load it progresses at t / (t + delay · (1 / factor − 1)).
     """
 
