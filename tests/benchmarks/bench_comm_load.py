@@ -9,8 +9,8 @@ Two ranks on this machine (one intra-op thread each), per size and repetition, i
   after-loaded  the same, right after the previous loaded transfer;
   idle          an exchange with the ranks idle (issued, waited).
 The loaded transfers' completion is stamped by the work's future callback on the thread
-that completes it (polling work.is_completed() between matmuls itself held transfers up
-by ~3 ms), and each loop then runs as long again so that the peers stay loaded. A transfer
+that completes it (the load sweep polls work.is_completed() between matmuls instead), and
+each loop then runs as long again so that the peers stay loaded. A transfer
 lasts from the last rank's issue to the first rank's completion. Prints per size and case
 the median, mean and quartiles (µs), then the peer ratio: after-idle / after-loaded median.
 The load sweep's ~3 ms (loaded − idle, the same from 256 KiB to 4 MiB) is what the
@@ -22,11 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from simulator.calibrate import _free_port  # noqa: E402
 
 
 def _worker(rank: int, world_size: int, port: int, sizes: list[int], reps: int, out: str) -> None:
@@ -82,9 +87,7 @@ def main() -> int:
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"load before: {os.getloadavg()[0]:.2f}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_worker, args=(2, port, sizes, args.reps, out), nprocs=2, join=True, start_method="spawn")
         ranks = [json.loads(Path(out, f"r{r}.json").read_text()) for r in range(2)]
