@@ -256,8 +256,8 @@ def fit_comm_load(points: Sequence[dict], cores: int) -> dict:
     computing, a transfer shares the cores among 2 · world size jobs (each rank's compute,
     each rank's part of the transfer), share = min(1, cores / jobs), and the engine runs it
     at share ** e of its idle speed, so loaded = idle / share ** e. Per size
-    e = ln(median loaded / median idle) / ln(1 / share); the exponent is the median over the
-    sizes (≥ 0). Where the cores are not shared (share 1) e cannot be measured and the
+    e = max(0, ln(median loaded / median idle) / ln(1 / share)); the exponent is the median
+    over the sizes. Where the cores are not shared (share 1) e cannot be measured and the
     default stays. Per size too, with the compute loops' pace: core_use, the share of a core
     each rank's transfer took from compute (simulator.engine comm_core_use)."""
     if not points:
@@ -269,7 +269,8 @@ def fit_comm_load(points: Sequence[dict], cores: int) -> dict:
         idle, loaded = statistics.median(p["idle_us_all"]), statistics.median(p["loaded_us_all"])
         if not (idle > 0 and loaded > 0):
             raise SimulationError(f"comm load: non-positive median time at {p['coll_bytes']:.0f} bytes")
-        e = math.log(loaded / idle) / math.log(1 / share) if share < 1 else None
+        # ≥ 0: on a busy machine a size's loaded median can come out below its idle one
+        e = max(0.0, math.log(loaded / idle) / math.log(1 / share)) if share < 1 else None
         size = {"coll_bytes": p["coll_bytes"], "idle_us": idle, "loaded_us": loaded, "exponent": e}
         if share < 1 and p.get("compute_speed_all"):
             # n compute loops and n transfers on the cores: the loops' pace relative to the

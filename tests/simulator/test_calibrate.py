@@ -63,10 +63,16 @@ def test_comm_load_exponent_is_recovered_and_round_trips(tmp_path):
     assert load["exponent"] == pytest.approx(2.5, abs=0.1)
     # 4 ranks on 2 cores: 8 jobs, a share of 1/4
     assert fit_comm_load(_load_points(1.5, 0.25, world_size=4), cores=2)["exponent"] == pytest.approx(1.5, abs=0.1)
+    # loaded faster than idle (a busy machine's medians): the sizes' exponents stay at 0, so
+    # the file written loads
+    fast = fit_comm_load(_load_points(-0.5, 0.5), cores=2)
+    assert [s["exponent"] for s in fast["sizes"]] == [0.0, 0.0, 0.0] and fast["exponent"] == 0.0
     # enough cores for every job: nothing to measure, the default stays
     spare = fit_comm_load(_load_points(0.0, 1.0), cores=4)
     assert (spare["exponent"], spare["measured"]) == (DEFAULT_COMM_LOAD_EXPONENT, False)
     compute, comm = _synthetic_points()
+    write_calibration(fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x", fast), tmp_path / "fast.json")
+    assert load_calibration(tmp_path / "fast.json")[2].load_points == [(p["coll_bytes"], 0.0) for p in fast["sizes"]]
     cal = fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x", load)
     write_calibration(cal, tmp_path / "c.json")
     comm_model = load_calibration(tmp_path / "c.json")[2]
