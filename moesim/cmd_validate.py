@@ -41,11 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run nothing: combine these validation dirs (matrix subsets) into -o VAL")
     parser.add_argument("--repredict", action="store_true",
                         help="run nothing live: predict again from the runs in VAL/runs and rewrite VAL/validation.json")
-    parser.add_argument("--comm-load", choices=("exponent", "delay"), default="exponent",
-                        help="how a transfer slows while its ranks compute, in the replays: 'exponent' (default) "
-                             "runs it at share ** e of its speed, e per payload from the calibration's load sweep; "
-                             "'delay' adds the sweep's loaded - idle time instead (a wait for a core, the same at "
-                             "every payload); README 'Calibration and validation' compares them")
+    parser.add_argument("--comm-load", choices=("auto", "stall", "exponent", "delay"), default="auto",
+                        help="how a transfer fares while its ranks compute, in the replays: 'stall' lets it stall, "
+                             "with the calibration's load-sweep probability, until a core frees or a scheduler "
+                             "quantum passes, then slows it as 'exponent' does; 'exponent' runs it at share ** e "
+                             "of its speed, e per payload from the sweep; 'delay' adds the sweep's loaded - idle "
+                             "time instead; 'auto' (default): 'stall' where the calibration has the sweep, else "
+                             "'exponent'. README 'Calibration and validation' compares them")
     parser.add_argument("--modes", default="prefill,train", help="subset of the matrix: comma-separated modes (default prefill,train)")
     parser.add_argument("--world-sizes", default="1,2", help="subset of the matrix: comma-separated world sizes (default 1,2)")
 

@@ -81,6 +81,8 @@ LOAD_SIZES_BYTES = (256 * 1024, 512 * 1024, 1024 * 1024, 2048 * 1024, 4096 * 102
 # Without a measured comm_load: plain processor sharing (a transfer's threads get their
 # share of the cores like any other job).
 DEFAULT_COMM_LOAD_EXPONENT = 1.0
+# a loaded transfer that took this much longer than the median idle one stalled (stall_points)
+STALL_THRESHOLD_US = 1000.0
 
 
 def _free_port() -> int:
@@ -285,6 +287,26 @@ def fit_comm_load(points: Sequence[dict], cores: int) -> dict:
     return {"exponent": exponent, "measured": share < 1, "cores": cores, "share": share, "sizes": sizes,
             "points": [{k: p[k] for k in ("coll_bytes", "idle_us_all", "loaded_us_all", "compute_speed_all", "chunk_us")
                         if k in p} for p in points]}
+
+
+def stall_points(points: Sequence[dict], threshold_us: float = STALL_THRESHOLD_US) -> list[tuple[float, float, float]]:
+    """(payload bytes, probability, µs) per size of the load sweep, for the engine's
+    comm_load_stall. A loaded transfer either takes about its idle time or about a scheduler
+    quantum more (its thread woke to full cores), so: stalled = longer than the median idle
+    one by more than threshold_us; probability = the loaded transfers' stalled share beyond
+    the idle ones' (p_loaded − p_idle) / (1 − p_idle), as the replayed traced time already
+    holds the idle stalls; µs = median stalled loaded time − median idle time (0 when none
+    stalled)."""
+    out = []
+    for p in points:
+        idle, loaded = np.asarray(p["idle_us_all"], dtype=float), np.asarray(p["loaded_us_all"], dtype=float)
+        base = float(np.median(idle))
+        stalled = loaded[loaded > base + threshold_us]
+        p_idle = float(np.mean(idle > base + threshold_us))
+        p_loaded = stalled.size / loaded.size
+        probability = max(0.0, (p_loaded - p_idle) / (1.0 - p_idle)) if p_idle < 1 else 0.0
+        out.append((float(p["coll_bytes"]), probability, float(np.median(stalled)) - base if stalled.size else 0.0))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -597,6 +619,16 @@ def load_calibration(path: str | os.PathLike, backend: str | None = None, world_
             if not all(isinstance(v, (int, float)) and v > 0 for v in (idle, loaded)):
                 raise SimulationError(f"{target}: comm_load.sizes needs idle_us and loaded_us > 0 per size, got {size!r}")
             comm.load_delay_points.append((float(point[0]), max(0.0, loaded - idle) / (1 / share - 1)))
+    if load.get("measured"):
+        # the stall model (CommModel.load_stall_at; validate --comm-load stall) from the raw times
+        for point in load.get("points") or []:
+            times = [point.get(k) if isinstance(point, dict) else None for k in ("idle_us_all", "loaded_us_all")]
+            if not (isinstance(point, dict) and isinstance(point.get("coll_bytes"), (int, float)) and point["coll_bytes"] > 0
+                    and all(isinstance(t, list) and t and all(isinstance(v, (int, float)) and v > 0 for v in t) for t in times)):
+                what = point.get("coll_bytes") if isinstance(point, dict) else point
+                raise SimulationError(f"{target}: comm_load.points needs coll_bytes > 0 and non-empty idle_us_all and "
+                                      f"loaded_us_all of times > 0 per point (the point at coll_bytes {what!r})")
+        comm.load_stall_points = stall_points(load.get("points") or [])
     return cal, compute, comm
 
 

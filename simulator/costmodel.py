@@ -541,15 +541,26 @@ class CommModel:
     takes from compute while in flight) per size, for core_use_at (none in calibrations
     before the sweep timed its compute loop); load_delay_points: (payload bytes, µs a
     loaded transfer waits for a core per runnable job beyond one per core: the sweep's
-    median loaded − idle time over 1 / share − 1) per size, for load_delay_at; load_model:
-    which of the two a replay uses, "exponent" (the default) or "delay"."""
+    median loaded − idle time over 1 / share − 1) per size, for load_delay_at;
+    load_stall_points: (payload bytes, probability, µs) per size, for load_stall_at; load_model:
+    which a replay uses, "exponent" (the default), "delay" or "stall"."""
 
     fits: dict[tuple[str, int], CommFit] = field(default_factory=dict)
     load_exponent: float = 1.0
     load_points: list[tuple[float, float]] = field(default_factory=list)
     core_use_points: list[tuple[float, float]] = field(default_factory=list)
     load_delay_points: list[tuple[float, float]] = field(default_factory=list)
+    load_stall_points: list[tuple[float, float, float]] = field(default_factory=list)
     load_model: str = "exponent"
+
+    def load_stall_at(self, coll_bytes: float) -> tuple[float, float]:
+        """(probability, µs) that a transfer of `coll_bytes` issued while every core computes
+        stalls, and its longest stall (simulator.engine comm_load_stall): each piecewise-linear
+        in log2(bytes) through load_stall_points, held beyond the outermost; (0, 0) without."""
+        if not self.load_stall_points:
+            return 0.0, 0.0
+        return (_log_interp([(b, p) for b, p, _ in self.load_stall_points], coll_bytes),
+                _log_interp([(b, q) for b, _, q in self.load_stall_points], coll_bytes))
 
     def load_delay_at(self, coll_bytes: float) -> float | None:
         """How long a transfer of `coll_bytes` waits for a core, µs per runnable job beyond

@@ -35,12 +35,14 @@ event per op, tested equal); a comm op starting on a rank does not interrupt its
 op ending interrupts compute armed at the slow speed; collectives are one event per
 rendezvous; aggregated loads are cached per (collective, group, sizes).
 
-Deterministic: no randomness, ordered containers only (`seed` is recorded for callers).
+Deterministic: ordered containers only; the one random draw (comm_load_stall, which
+transfers stall) comes from a generator seeded with `seed` and drawn in event order.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -162,6 +164,18 @@ class Simulation:
     and wait a scheduler quantum for a core when they wake, whatever the payload, so the
     loss is added time, not a share of t (calibrate: loaded − idle 2.3–3.0 ms from 256 KiB
     to 4 MiB). Under a changing load it progresses at t / (t + delay · (1 / factor − 1)).
+    comm_load_stall: on a cpu cluster, a function of a collective's payload bytes giving
+    (probability, longest stall µs). A collective timed from dur_us that starts while every
+    core has a busy host lane (a lane of ops that take a core, not waiting for a dependency)
+    stalls with that probability (drawn from the generator seeded with `seed`) until a core
+    frees or the longest stall passes, then takes its time as without the stall (the load
+    exponent still slows it while the cores are shared); one of its ranks (drawn) records its
+    op as starting at the stall's end. Its threads woke to full cores: a calibration's loaded
+    transfers take about their idle time or about a scheduler quantum more, rarely between,
+    and in a live w2 shortcut step (prefill 4 × 128) half the overlapped exchanges end about
+    their idle time after issue, the rest soon after the first rank stops computing or a
+    quantum on, and 14–23 % of the ranks' gloo ops begin over 1 ms after their issue (what
+    the drawn rank's late start stands for: 30–40 % of ops at the sweep's probabilities).
     """
 
     def __init__(
@@ -182,6 +196,7 @@ class Simulation:
         comm_tail_us: np.ndarray | None = None,
         comm_core_use: Callable[[float], float] | None = None,
         comm_load_delay_us: Callable[[float], float] | None = None,
+        comm_load_stall: Callable[[float], tuple[float, float]] | None = None,
     ):
         self.ops = ops
         self.cluster = cluster
@@ -249,6 +264,11 @@ class Simulation:
         self.comm_load_exponent = comm_load_exponent if self.cpu is not None else (lambda _bytes: 0.0)
         self.comm_core_use = comm_core_use
         self.comm_load_delay_us = comm_load_delay_us if self.cpu is not None else None
+        self.comm_load_stall = comm_load_stall if self.cpu is not None else None
+        # host lanes: a lane with an op that takes a core keeps one busy unless it waits
+        self._host_lane = (
+            [any(self.uses_core[lo:hi]) for lo, hi in self.lane_bounds] if self.comm_load_stall else None
+        )
         self._comm_tail: list[float] | None = None
         if comm_tail_us is not None:
             tail = np.asarray(comm_tail_us, dtype=np.float64)
@@ -391,8 +411,13 @@ class Simulation:
         self.busy_since = [0.0] * g  # when the current busy stretch began
         self.toggles: list[list[float]] = [[] for _ in range(g)]  # times comm went on, off, on...
         self.running: dict[int, dict] = {}  # rank (GPU) or -1 (CPU pool) → {process: None}
-        for lo, hi in self.lane_bounds:
-            env.process(self._lane(lo, hi, int(self.rank[lo])))
+        self._rng = random.Random(self.seed)
+        self.host_busy = 0  # host lanes running, not waiting for a dependency (comm_load_stall)
+        self._late_start: dict[int, float] = {}  # op position → when its rank's thread began a stalled transfer
+        self._core_free: simpy.Event | None = None  # succeeds when host_busy drops below the cores
+        for k, (lo, hi) in enumerate(self.lane_bounds):
+            host = self._host_lane is not None and self._host_lane[k]
+            env.process(self._lane(lo, hi, int(self.rank[lo]), host))
         env.run()
         if n and min(self.end) < 0:
             self._diagnose()
@@ -436,7 +461,7 @@ class Simulation:
         run_end[heads] = np.concatenate([heads[1:], [n]]) - 1
         return run_end.tolist()
 
-    def _lane(self, lo: int, hi: int, rank: int):
+    def _lane(self, lo: int, hi: int, rank: int, host: bool = False):
         env = self.env
         timeout = env.timeout
         deps, dur, gap, ckey = self.deps, self.dur, self.gap, self.ckey
@@ -455,6 +480,8 @@ class Simulation:
         running = self.running.setdefault(rank, {})
         proc = env.active_process
         Interrupt = simpy.Interrupt
+        if host:
+            self._host(+1)
         i = lo
         while i < hi:
             dl = deps[i]
@@ -464,7 +491,11 @@ class Simulation:
                         ev = done_ev[j]
                         if ev is None:
                             ev = done_ev[j] = env.event()
+                        if host:
+                            self._host(-1)
                         yield ev
+                        if host:
+                            self._host(+1)
             if gap is not None and gap[i] > 0:
                 yield timeout(gap[i])
             last = run_end[i]
@@ -474,6 +505,8 @@ class Simulation:
                 start[i] = t_begin
                 yield from self._comm(i, key, rank)
                 end[i] = env.now
+                if self._late_start:
+                    start[i] = max(t_begin, self._late_start.pop(i, t_begin))
             elif plain_comm[i]:  # a comm kernel without collective args: its traced duration
                 start[i] = t_begin
                 self._comm_enter(rank, +1)
@@ -538,6 +571,14 @@ class Simulation:
             if ev is not None:
                 ev.succeed()
             i = last + 1
+        if host:
+            self._host(-1)
+
+    def _host(self, delta: int) -> None:
+        self.host_busy += delta
+        if self.host_busy < self.cpu.cores and self._core_free is not None:
+            self._core_free.succeed()
+            self._core_free = None
 
     def _fill_run(self, i: int, last: int, t: float, speed: float) -> None:
         """Start/end of the ops of a run at constant speed from time t."""
@@ -668,6 +709,8 @@ class Simulation:
         delay = self.comm_load_delay_us(payload) if traced and self.comm_load_delay_us else None
         if delay is not None and not (math.isfinite(delay) and delay >= 0):
             raise SimulationError(f"comm_load_delay_us: expected a finite delay ≥ 0 at {payload:.0f} bytes, got {delay}")
+        if traced and self.comm_load_stall is not None:
+            yield from self._stall(payload, members)
         if self.cpu is not None:
             use = self.comm_core_use(payload) if traced and self.comm_core_use else None
             self.cpu.transfers[id(rdv)] = (len(members), exponent, use)
@@ -703,6 +746,23 @@ class Simulation:
             del self.cpu.transfers[id(rdv)]
             self._cpu_jobs(-len(members))
         rdv.event.succeed()
+
+    def _stall(self, payload: float, members: list[int]):
+        """comm_load_stall: with its probability, a collective that starts while every core
+        has a busy host lane waits until a core frees or its longest stall passes; one member
+        (drawn) then records its op as starting there (its thread had not begun the transfer;
+        the others' were in flight, waiting for it)."""
+        probability, longest = self.comm_load_stall(payload)
+        if not (0.0 <= probability <= 1.0 and math.isfinite(longest) and longest >= 0):
+            raise SimulationError(f"comm_load_stall: expected a probability in [0, 1] and a finite stall ≥ 0 µs "
+                                  f"at {payload:.0f} bytes, got {probability}, {longest}")
+        if self.host_busy < self.cpu.cores or longest == 0 or self._rng.random() >= probability:
+            return
+        env = self.env
+        if self._core_free is None:
+            self._core_free = env.event()
+        yield self._core_free | env.timeout(longest)
+        self._late_start[members[self._rng.randrange(len(members))]] = env.now
 
     def ops_dur_trace(self, pos: int) -> float:
         return float(self.dur[pos])

@@ -55,8 +55,9 @@ validation.json (DESIGN.md keys + extras):
     schedule every step, median of the pairs' ratios with its distribution-free 95 % interval:
     as many pairs as fit in `--speedup-seconds` (default 60) or `--speedup-pairs`, --quick
     none, profiler off unless `--speedup-profiled`; "measured" is the ratio of the two configs'
-    medians), speedup_within_3pts_alternating (how many sizes), comm_load_model ("exponent",
-    the default, or "delay": validate / repredict comm_load, CommModel.load_model),
+    medians), speedup_within_3pts_alternating (how many sizes), comm_load_model ("stall",
+    "exponent" or "delay": validate / repredict comm_load, CommModel.load_model; the default
+    "auto" records "stall" where the calibration has the load sweep, else "exponent"),
     references → [{name, run_dirs, measured_step_us, load_1min (one per repeat), replayed_step_us
     (the base moved to this reference's size and replayed; the base: its own replay), base
     (true for the base), steps_used, steps_replayed}], calibration, quick,
@@ -366,8 +367,8 @@ def simulate_steps(graphs: list[StepGraph], comm: CommModel, cores: int, slow_un
     the replays where a rank arrived last at every collective and its few µs of comm hid
     under compute."""
     times, comm_us, hidden_us = [], defaultdict(float), defaultdict(float)
-    for g in graphs:
-        step_us, metrics, _ = simulate_graph(g, comm, cores, slow_under_comm)
+    for k, g in enumerate(graphs):
+        step_us, metrics, _ = simulate_graph(g, comm, cores, slow_under_comm, seed=k)
         times.append(step_us)
         for rank, m in metrics["ranks"].items():
             comm_us[rank] += m["comm_us"]
@@ -422,14 +423,20 @@ def note_insitu_comm(g: StepGraph, comm: CommModel) -> StepGraph:
     return g
 
 
-COMM_LOAD_MODELS = ("exponent", "delay")
+COMM_LOAD_MODELS = ("auto", "exponent", "delay", "stall")
 
 
-def _set_load_model(comm: CommModel, model: str) -> None:
+def _set_load_model(comm: CommModel, model: str) -> str:
+    """Set comm.load_model; "auto" (the default) is "stall" where the calibration measured the
+    load sweep, else "exponent". Returns the model set."""
     if model not in COMM_LOAD_MODELS:
         raise SimulationError(f"comm load model: expected one of {', '.join(COMM_LOAD_MODELS)}, got {model!r}")
+    if model == "auto":
+        model = "stall" if comm.load_stall_points else "exponent"
     comm.load_model = model
-    _delay_model(comm)  # "delay" without points fails here, before anything runs
+    _delay_model(comm)  # "delay" or "stall" without points fails here, before anything runs
+    _stall_model(comm)
+    return model
 
 
 def _delay_model(comm: CommModel) -> bool:
@@ -443,8 +450,19 @@ def _delay_model(comm: CommModel) -> bool:
     return True
 
 
-def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: bool | None = None
-                   ) -> tuple[float, dict, pa.Table]:
+def _stall_model(comm: CommModel) -> bool:
+    """Whether a replay stalls transfers (comm.load_model "stall", simulator.engine
+    comm_load_stall); "stall" without the calibration's load sweep is an error."""
+    if getattr(comm, "load_model", "exponent") != "stall":
+        return False
+    if not comm.load_stall_points:
+        raise SimulationError("comm load model stall: the calibration has no measured load sweep "
+                              "(run `moesim calibrate --backend gloo --world-size 2 -o CAL`)")
+    return True
+
+
+def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: bool | None = None,
+                   seed: int = 0) -> tuple[float, dict, pa.Table]:
     """Replay a step graph on cpu-loopback: (step time µs, its traces.overlap metrics,
     simulated ops). With note_insitu_comm's notes each collective takes its in-situ time,
     each rank keeps its traced tail after it, and a rank that began its traced step late
@@ -457,7 +475,9 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: b
     use (calibrations before 2026-12-05 did not: then off, the older behaviour).
     A transfer in flight while the cores are shared slows by the calibration's load exponent
     at its payload, or, with comm.load_model "delay" (validate --comm-load delay), waits the
-    sweep's loaded − idle time instead (simulator.engine comm_load_delay_us)."""
+    sweep's loaded − idle time instead (simulator.engine comm_load_delay_us); with "stall"
+    (--comm-load stall) it may first stall until a core frees (simulator.engine
+    comm_load_stall, its draws seeded with `seed`; simulate_steps passes each graph's index)."""
     from simulator.cluster import cpu_loopback
     from simulator.engine import simulate
     from traces.overlap import compute_metrics
@@ -491,7 +511,8 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: b
     sim = simulate(ops, cluster, comm_from_trace=True, gap_us=gap, compute_time=lambda _t, _c: durations,
                    comm_load_exponent=comm.load_exponent_at, comm_tail_us=g.notes.get("comm_tail_us"),
                    comm_core_use=comm.core_use_at if core_use else None,
-                   comm_load_delay_us=comm.load_delay_at if _delay_model(comm) else None)
+                   comm_load_delay_us=comm.load_delay_at if _delay_model(comm) else None,
+                   comm_load_stall=comm.load_stall_at if _stall_model(comm) else None, seed=seed)
     # as live: a step lasts as long as its slowest rank, each from its own start
     end = sim.column("start_us").to_numpy() + sim.column("dur_us").to_numpy()
     rank = sim.column("rank").to_numpy()
@@ -510,7 +531,7 @@ def _err(pred: float, meas: float) -> float:
 def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: bool = False, steps: int = 4,
              warmup: int = 2, cores: int | None = None, configs: list[LiveConfig] | None = None,
              log=print, repeats: int = 24, speedup_pairs: int = 0, speedup_seconds: float = 0.0,
-             speedup_profiled: bool = False, comm_load: str = "exponent") -> dict:
+             speedup_profiled: bool = False, comm_load: str = "auto") -> dict:
     """Capture references and the matrix live (`repeats` rounds), predict each config from
     its group's references, write VAL/validation.json. Per size with both schedules, an
     alternating run measures the speedup a second way: `speedup_pairs` pairs, or (when 0)
@@ -519,7 +540,7 @@ def validate(out_dir: str | os.PathLike, calibration: str | os.PathLike, quick: 
     from traces.rundir import VALIDATION_JSON, write_json_atomic
 
     cal, compute_model, comm_model = load_calibration(calibration, backend="gloo")
-    _set_load_model(comm_model, comm_load)
+    comm_load = _set_load_model(comm_model, comm_load)
     configs = configs or matrix(quick)
     needed_ws = max(c.world_size for c in configs)
     if cal["world_size"] < needed_ws:
@@ -691,7 +712,7 @@ def _predict_and_measure(cfg: LiveConfig, ref: Reference, comm_model: CommModel,
 
 
 def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores: int | None = None, log=print,
-              comm_load: str = "exponent") -> dict:
+              comm_load: str = "auto") -> dict:
     """Predict again from the runs a previous `validate` captured in VAL/runs (no live runs):
     for changes to the prediction side, and to separate measuring from predicting."""
     from traces.rundir import VALIDATION_JSON, read_json, read_run_json, write_json_atomic
@@ -699,7 +720,7 @@ def repredict(out_dir: str | os.PathLike, calibration: str | os.PathLike, cores:
     out = Path(out_dir)
     old = read_json(out / VALIDATION_JSON)
     _, compute_model, comm_model = load_calibration(calibration, backend="gloo")
-    _set_load_model(comm_model, comm_load)
+    comm_load = _set_load_model(comm_model, comm_load)
     cores = cores or old.get("cores") or os.cpu_count() or 1
     runs = out / "runs"
     configs = [LiveConfig(c["world_size"], c["mode"], c["schedule"], c["batch"], c["seq"]) for c in old["configs"]]

@@ -15,6 +15,7 @@ from simulator.calibrate import (
     fit_calibration,
     fit_comm_load,
     load_calibration,
+    stall_points,
     write_calibration,
 )
 from simulator.costmodel import CommModel
@@ -31,6 +32,24 @@ def _synthetic_points():
     comm = [{"coll": "all_to_all", "world_size": 2, "coll_bytes": m, "dur_us": 50 + 0.5 * m / 1e3, "dur_us_all": []}
             for m in (1e3, 1e4, 1e5, 1e6)]
     return compute, comm
+
+
+def test_stall_points_split_the_sweeps_two_modes():
+    # a loaded transfer takes about its idle time or about a quantum more: 14 of 20 stalled
+    # (3100-3230 µs), 6 not (110 µs); 2 of 20 idle ones stalled too, so the loaded share
+    # beyond them is (14/20 − 2/20) / (1 − 2/20) = 2/3, and a stall lasts the stalled ones'
+    # median (3165) − the median idle time (100)
+    idle = [100.0] * 18 + [3100.0, 3200.0]
+    loaded = [3100.0 + 10 * k for k in range(14)] + [110.0] * 6
+    assert stall_points([{"coll_bytes": 1 << 20, "idle_us_all": idle, "loaded_us_all": loaded}]) == \
+        [(1 << 20, pytest.approx(2 / 3), pytest.approx(3065.0))]
+    # none stalled: probability 0, no stall
+    assert stall_points([{"coll_bytes": 1 << 18, "idle_us_all": idle, "loaded_us_all": [150.0] * 20}]) == [(1 << 18, 0.0, 0.0)]
+    # per payload: log-linear between the sizes, held beyond; nothing without points
+    m = CommModel(load_stall_points=[(1 << 20, 0.7, 3200.0), (1 << 18, 0.5, 3000.0)])
+    assert m.load_stall_at(1 << 19) == pytest.approx((0.6, 3100.0))
+    assert m.load_stall_at(1 << 10) == pytest.approx((0.5, 3000.0)) and m.load_stall_at(1 << 30) == pytest.approx((0.7, 3200.0))
+    assert CommModel().load_stall_at(1e6) == (0.0, 0.0)
 
 
 def test_round_trip_and_recovered_coefficients(tmp_path):
@@ -95,12 +114,23 @@ def test_comm_load_exponent_is_recovered_and_round_trips(tmp_path):
     assert CommModel().load_delay_at(1e6) is None
     pts = CommModel(load_delay_points=[(1 << 20, 1000.0), (1 << 18, 3000.0)])
     assert [pts.load_delay_at(b) for b in (1 << 16, 1 << 19, 1 << 24)] == pytest.approx([3000, 2000, 1000])
+    # the stall model: every loaded time here is > 1 ms above the median idle one (and no idle
+    # one is), so each size stalls with probability 1, by median loaded − median idle
+    expected = [(p["coll_bytes"], 1.0, statistics.median(p["loaded_us_all"]) - statistics.median(p["idle_us_all"]))
+                for p in _load_points(2.5, 0.5)]
+    assert comm_model.load_stall_points == pytest.approx(expected)
     two = CommModel(load_exponent=3.0, load_points=[(1 << 20, 2.0), (1 << 18, 4.0)])
     assert [two.load_exponent_at(b) for b in (1 << 16, 1 << 18, 1 << 19, 1 << 20, 1 << 24)] == pytest.approx([4, 4, 3, 2, 2])
     # a calibration without the sweep (older files, NCCL) → plain processor sharing
     write_calibration(fit_calibration("gloo", 2, {"type": "cpu"}, compute, comm, "x"), tmp_path / "old.json")
     assert load_calibration(tmp_path / "old.json")[2].load_exponent == DEFAULT_COMM_LOAD_EXPONENT == 1.0
     assert load_calibration(tmp_path / "old.json")[2].load_delay_points == []
+    assert load_calibration(tmp_path / "old.json")[2].load_stall_points == []
+    del cal["comm_load"]["points"][2]["loaded_us_all"]
+    write_calibration(cal, tmp_path / "bad.json")
+    with pytest.raises(SimulationError, match=r"bad.json: comm_load.points needs coll_bytes > 0 and non-empty idle_us_all "
+                                              r"and loaded_us_all of times > 0 per point \(the point at coll_bytes 1048576.0\)"):
+        load_calibration(tmp_path / "bad.json")
     del cal["comm_load"]["sizes"][1]["loaded_us"]
     write_calibration(cal, tmp_path / "bad.json")
     with pytest.raises(SimulationError, match=r"bad.json: comm_load.sizes needs idle_us and loaded_us > 0 per size"):

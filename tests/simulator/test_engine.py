@@ -171,6 +171,48 @@ def test_a_timed_transfer_under_compute_waits_the_calibrated_delay():
         comm_end(10.0, comm_load_delay_us=lambda b: -1.0)
 
 
+def _stall_run(compute_us, stall, seed=0, **kw):
+    """Two ranks on two cores: rank r computes compute_us[r] µs (measured) on its host lane
+    beside a 2-rank collective of 100 µs at idle speed issued at 0 on its comm lane.
+    Returns the collective's end and its two ops' starts."""
+    c = get_cluster("cpu-loopback", gpus=2, cores=2)
+    ops = Ops()
+    for r, us in enumerate(compute_us):
+        if us:
+            ops.add(r, "main", dur=us)
+    for r in range(2):
+        ops.add(r, "comm", "comm", coll="all_to_all", group="0,1", coll_bytes=1.0, seq=0, dur=100.0)
+    t = simulate(ops.table(), c, comm_from_trace=True, comm_load_stall=stall, seed=seed, **kw)
+    comm = np.asarray(t.column("kind").to_pylist()) == "comm"
+    start = t.column("start_us").to_numpy()[comm]
+    return float((start + t.column("dur_us").to_numpy()[comm]).max()), sorted(start.tolist())
+
+
+def test_a_timed_transfer_stalls_until_a_core_frees():
+    always = lambda b: (1.0, 5000.0)  # noqa: E731
+    # both cores busy (ranks computing 300 and 500 µs): stalled until rank 0 stops at 300,
+    # then 100 µs at idle speed; one rank's op starts where the stall ended, the other's at 0
+    assert _stall_run((300.0, 500.0), always) == (pytest.approx(400.0), [0.0, pytest.approx(300.0)])
+    # after the stall the load exponent applies as without it: rank 1 still computes, so
+    # 1 compute + 2 transfer jobs on 2 cores, speed 2/3 at exponent 1 → 150 µs
+    assert _stall_run((300.0, 500.0), always, comm_load_exponent=1.0)[0] == pytest.approx(450.0)
+    # the longest stall passes first
+    assert _stall_run((300.0, 500.0), lambda b: (1.0, 200.0))[0] == pytest.approx(300.0)
+    # never stalls at probability 0 or a longest stall of 0, nor with a core free at the start
+    assert _stall_run((300.0, 500.0), lambda b: (0.0, 5000.0)) == (pytest.approx(100.0), [0.0, 0.0])
+    assert _stall_run((300.0, 500.0), lambda b: (1.0, 0.0))[0] == pytest.approx(100.0)
+    assert _stall_run((300.0, 0.0), always)[0] == pytest.approx(100.0)
+    # at probability 0.3 about 30 % of seeds stall (binomial sd over 200: 6.5); a seed gives
+    # the same answer every time
+    ends = [_stall_run((300.0, 500.0), lambda b: (0.3, 5000.0), seed=s)[0] for s in range(200)]
+    assert set(np.round(ends, 6)) == {100.0, 400.0}
+    assert 40 <= sum(abs(e - 400.0) < 1e-6 for e in ends) <= 80
+    half = lambda b: (0.5, 5000.0)  # noqa: E731
+    assert _stall_run((300.0, 500.0), half, seed=7) == _stall_run((300.0, 500.0), half, seed=7)
+    with pytest.raises(SimulationError, match=r"comm_load_stall: expected a probability in \[0, 1\] and a finite stall ≥ 0 µs at 1 bytes, got 1.5, 10.0"):
+        _stall_run((300.0, 500.0), lambda b: (1.5, 10.0))
+
+
 def test_compute_beside_a_timed_transfer_gets_the_cores_it_leaves():
     # Two ranks on two cores, each computing 1000 µs of modelled work (dur 0: the engine may
     # slow it) beside a 2-rank collective of 100 µs at idle speed: 4 jobs, a share of 0.5.

@@ -198,9 +198,13 @@ def test_validate_quick_predicts_live_runs(tmp_path, capsys):
     # the additive load model on the same runs: the measurements stay, the replays change
     assert main(["validate", "--repredict", "--comm-load", "delay", "--calibration", str(cal), "-o", str(tmp_path / "VAL")]) == 0
     delay = json.loads((tmp_path / "VAL" / "validation.json").read_text())
-    assert (again["comm_load_model"], delay["comm_load_model"]) == ("exponent", "delay")
+    assert (val["comm_load_model"], again["comm_load_model"], delay["comm_load_model"]) == ("stall", "stall", "delay")
     assert [c["measured_step_us"] for c in delay["configs"]] == [c["measured_step_us"] for c in val["configs"]]
     assert any(d["predicted_step_us"] != v["predicted_step_us"] for d, v in zip(delay["configs"], val["configs"]))
+    assert main(["validate", "--repredict", "--comm-load", "exponent", "--calibration", str(cal), "-o", str(tmp_path / "VAL")]) == 0
+    exponent = json.loads((tmp_path / "VAL" / "validation.json").read_text())
+    assert exponent["comm_load_model"] == "exponent"
+    assert [c["measured_step_us"] for c in exponent["configs"]] == [c["measured_step_us"] for c in val["configs"]]
 
 
 def test_merge_recomputes_the_summary(tmp_path, capsys):
@@ -347,8 +351,37 @@ def test_the_delay_model_adds_the_calibrated_wait_to_an_exchange_beside_compute(
     assert exchange_us() == pytest.approx([300.0, 300.0])
     with pytest.raises(SimulationError, match=r"comm load model delay: the calibration has no measured load sweep"):
         _set_load_model(CommModel(), "delay")
-    with pytest.raises(SimulationError, match=r"comm load model: expected one of exponent, delay, got 'share'"):
+    with pytest.raises(SimulationError, match=r"comm load model: expected one of auto, exponent, delay, stall, got 'share'"):
         _set_load_model(CommModel(), "share")
+
+
+def test_the_stall_model_holds_an_exchange_until_a_rank_stops_computing():
+    """The same step (1000 µs of dense compute from 11 µs beside the 100 µs all-to-all): with
+    comm_load "stall" at probability 1 the exchange waits until a core frees, when both ranks
+    finish their compute at 1011, then takes its 100 µs: one rank's op spans 11-1111, the
+    other's (its thread not yet begun) 1011-1111. At probability 0 it keeps its 100 µs."""
+    from simulator.costmodel import CommModel
+    from simulator.transforms import step_graph
+    from simulator.validate import _set_load_model, note_insitu_comm, simulate_graph
+
+    comm = _LinearComm(1000.0 / 95.0, load_exponent=0.0)  # model 100 µs = in situ: no stall
+    g = note_insitu_comm(step_graph(_shortcut_step(1.0, 11.0, 100.0, 11.0, 1000.0)), comm)
+
+    def exchange_us():
+        step_us, _, sim = simulate_graph(g, comm, 2)
+        kind = np.asarray(sim.column("kind").to_pylist())
+        return step_us, sorted(sim.column("dur_us").to_numpy()[kind == "comm"].tolist())
+
+    comm.load_model, comm.load_stall_points = "stall", [(1000.0, 1.0, 5000.0)]
+    comm.load_stall_at = lambda _bytes: (1.0, 5000.0)
+    assert exchange_us() == (pytest.approx(1111.0), pytest.approx([100.0, 1100.0]))
+    comm.load_stall_at = lambda _bytes: (0.0, 5000.0)
+    assert exchange_us() == (pytest.approx(1011.0), pytest.approx([100.0, 100.0]))
+    with pytest.raises(SimulationError, match=r"comm load model stall: the calibration has no measured load sweep"):
+        _set_load_model(CommModel(), "stall")
+    # the default: the stall model where the calibration has the sweep, else the exponent
+    assert _set_load_model(CommModel(), "auto") == "exponent"
+    assert _set_load_model(CommModel(load_stall_points=[(1000.0, 0.5, 3000.0)]), "auto") == "stall"
 
 
 def _shortcut_step(issue_us, comm_start, comm_us, work_start, work_us):
@@ -445,13 +478,16 @@ def test_replayed_overlap_is_pooled_like_the_measured_one(monkeypatch):
 
     figures = iter([({"0": (10.0, 9.0), "1": (40.0, 10.0)}, 100.0), ({"0": (90.0, 9.0), "1": (40.0, 10.0)}, 300.0)])
 
-    def fake(g, comm, cores, slow_under_comm=False):
+    seeds = []
+
+    def fake(g, comm, cores, slow_under_comm=False, seed=0):
+        seeds.append(seed)  # each replay its own draws (the stall model's)
         ranks, step_us = next(figures)
         return step_us, {"ranks": {r: {"comm_us": c, "hidden_comm_us": h} for r, (c, h) in ranks.items()}}, None
 
     monkeypatch.setattr(v, "simulate_graph", fake)
     median_us, overlap, fastest = v.simulate_steps([object(), object()], comm=None, cores=2)
-    assert (median_us, fastest) == (200.0, 100.0)
+    assert (median_us, fastest) == (200.0, 100.0) and seeds == [0, 1]
     assert overlap == pytest.approx((18.0 + 25.0) / 2)
 
 
