@@ -434,29 +434,19 @@ def _set_load_model(comm: CommModel, model: str) -> str:
     if model == "auto":
         model = "stall" if comm.load_stall_points else "exponent"
     comm.load_model = model
-    _delay_model(comm)  # "delay" or "stall" without points fails here, before anything runs
-    _stall_model(comm)
+    if model != "exponent":
+        _uses_load_model(comm, model)  # "delay" or "stall" without points fails here, before anything runs
     return model
 
 
-def _delay_model(comm: CommModel) -> bool:
-    """Whether a replay slows transfers by the additive delay (comm.load_model "delay")
-    rather than the load exponent; "delay" without the calibration's points is an error."""
-    if getattr(comm, "load_model", "exponent") != "delay":
+def _uses_load_model(comm: CommModel, model: str) -> bool:
+    """Whether a replay uses load model `model` ("delay": the additive delay instead of the
+    load exponent; "stall": stalls before it, simulator.engine comm_load_stall); either one
+    set without the calibration's points from the load sweep is an error."""
+    if getattr(comm, "load_model", "exponent") != model:
         return False
-    if not comm.load_delay_points:
-        raise SimulationError("comm load model delay: the calibration has no measured load sweep "
-                              "(run `moesim calibrate --backend gloo --world-size 2 -o CAL`)")
-    return True
-
-
-def _stall_model(comm: CommModel) -> bool:
-    """Whether a replay stalls transfers (comm.load_model "stall", simulator.engine
-    comm_load_stall); "stall" without the calibration's load sweep is an error."""
-    if getattr(comm, "load_model", "exponent") != "stall":
-        return False
-    if not comm.load_stall_points:
-        raise SimulationError("comm load model stall: the calibration has no measured load sweep "
+    if not (comm.load_delay_points if model == "delay" else comm.load_stall_points):
+        raise SimulationError(f"comm load model {model}: the calibration has no measured load sweep "
                               "(run `moesim calibrate --backend gloo --world-size 2 -o CAL`)")
     return True
 
@@ -511,8 +501,8 @@ def simulate_graph(g: StepGraph, comm: CommModel, cores: int, slow_under_comm: b
     sim = simulate(ops, cluster, comm_from_trace=True, gap_us=gap, compute_time=lambda _t, _c: durations,
                    comm_load_exponent=comm.load_exponent_at, comm_tail_us=g.notes.get("comm_tail_us"),
                    comm_core_use=comm.core_use_at if core_use else None,
-                   comm_load_delay_us=comm.load_delay_at if _delay_model(comm) else None,
-                   comm_load_stall=comm.load_stall_at if _stall_model(comm) else None, seed=seed)
+                   comm_load_delay_us=comm.load_delay_at if _uses_load_model(comm, "delay") else None,
+                   comm_load_stall=comm.load_stall_at if _uses_load_model(comm, "stall") else None, seed=seed)
     # as live: a step lasts as long as its slowest rank, each from its own start
     end = sim.column("start_us").to_numpy() + sim.column("dur_us").to_numpy()
     rank = sim.column("rank").to_numpy()
